@@ -1,0 +1,231 @@
+"""Benchmark: fused bsconv_fast layers vs PyTorch eager, side by side in one process.
+
+Every contender runs on the same inputs, interleaved (one call of each per round), and the
+median of the rounds after warm-up is reported. Two eager peers, both channels_last input:
+  eager-cl   the module converted with .to(memory_format=torch.channels_last) (the usual recipe)
+  eager-clx  only the input channels_last, weights left as constructed
+The speedup is fused vs the faster of the two.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+
+import bsconv_fast
+from bsconv_fast.modules import BSConvU
+
+SUITES = {
+    "default": "BSConv-U layers of mobilenetv1_w1_bsconvu and resnet18_bsconvu (224), batch as given, "
+               "plus the whole cifar_mobilenetv1_w1_bsconvu",
+    "cpu-layers": "the same layers at batch 1 and 8",
+    "models": "whole official models: cifar_mobilenetv1_w1_bsconvu, mobilenetv1_w1_bsconvu, resnet18_bsconvu",
+}
+LAYER_MODELS = ("mobilenetv1_w1_bsconvu", "resnet18_bsconvu")
+
+
+def machine_line():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"kernel {bsconv_fast._ext.cpu_kernel_isa()}, python {platform.python_version()}")
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def official():
+    try:
+        import bsconv.pytorch
+    except ImportError as exc:
+        raise SystemExit("the benchmark suites use the official models: pip install bsconv==0.4.0") from exc
+    return bsconv.pytorch
+
+
+def layer_configs(names=LAYER_MODELS):
+    """Distinct BSConv-U layer configurations (with their input size) of the official models."""
+    B = official()
+    seen = {}
+    for name in names:
+        model = B.get_model(name, num_classes=1000).eval()
+
+        def hook(mod, args, name=name):
+            x = args[0]
+            dw = mod.dw
+            key = (mod.pw.in_channels, mod.pw.out_channels, x.shape[2], x.shape[3], dw.kernel_size,
+                   dw.stride, dw.padding, dw.dilation, dw.bias is not None)
+            seen.setdefault(key, name)
+
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, B.BSConvU)]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+        for h in handles:
+            h.remove()
+    return [(key, src) for key, src in seen.items()]
+
+
+def build_layer(key):
+    cin, cout, _, _, k, s, p, d, bias = key
+    torch.manual_seed(0)
+    ref = official().BSConvU(cin, cout, k, s, p, d, bias).eval()
+    for prm in ref.parameters():  # non-trivial bias values too
+        torch.nn.init.uniform_(prm, -0.5, 0.5)
+    return ref
+
+
+def time_interleaved(fns, reps, warmup):
+    """Median seconds per call of each fn; one call of each per round, so drift hits all alike."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def eager_peers(ref, x):
+    cl = torch.channels_last
+    converted = __import__("copy").deepcopy(ref).to(memory_format=cl)
+    xc = x.contiguous(memory_format=cl)
+    return {"eager-cl": lambda: converted(xc), "eager-clx": lambda: ref(xc)}
+
+
+def bench_case(label, ref, fused, x, reps, warmup, prof_input):
+    peers = eager_peers(ref, x)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = ref(x).double()
+        got = fused(xc)
+        err = (got.double() - want).abs().max().item()
+        times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup)
+    report = bsconv_fast.profile(fused, prof_input)
+    backends = bsconv_fast.explain(fused, xc).backends()
+    backend = ",".join(sorted(set(backends.values()))) or "-"
+    row = {"case": label, "backend": backend, "err_max_abs": err, "params": report.total_params,
+           "flops": report.total_flops, "macs": report.total_macs, "min_bytes": report.total_min_bytes}
+    for (name, _), t in zip(peers.items(), times):
+        row[name + "_ms"] = t * 1e3
+    row["fused_ms"] = times[-1] * 1e3
+    row["speedup"] = min(times[:-1]) / times[-1]
+    row["fused_gflops"] = 2 * report.total_macs / times[-1] / 1e9
+    return row
+
+
+def run_layers(batches, reps, warmup):
+    rows = []
+    for key, src in layer_configs():
+        cin, cout, h, w, k, s = key[:6]
+        ref = build_layer(key)
+        fused = BSConvU.from_children(OrderedDict(ref._modules))
+        for batch in batches:
+            x = torch.randn(batch, cin, h, w)
+            label = f"{cin}->{cout} @{h} k{k[0]} s{s[0]} b{batch}"
+            rows.append(bench_case(label, ref, fused, x, reps, warmup, (batch, cin, h, w)))
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def run_models(names, batch, reps, warmup):
+    B = official()
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        ref = B.get_model(name, num_classes=1000 if not name.startswith("cifar") else 10).eval()
+        size = 32 if name.startswith("cifar") else 224
+        fused = bsconv_fast.patch(__import__("copy").deepcopy(ref))
+        x = torch.randn(batch, 3, size, size)
+        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size)))
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "fused_ms", "speedup", "fused_gflops", "params",
+           "flops", "err_max_abs")
+
+
+def format_row(row):
+    out = []
+    for c in COLUMNS:
+        v = row[c]
+        if c == "err_max_abs":
+            out.append(f"{v:.1e}")
+        elif isinstance(v, float):
+            out.append(f"{v:.3f}" if c.endswith("_ms") else f"{v:.2f}")
+        elif isinstance(v, int):
+            out.append(f"{v:,}")
+        else:
+            out.append(str(v))
+    return " | ".join(out)
+
+
+def geomean(values):
+    values = list(values)
+    return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bsconv_fast bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="default",
+                        help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default suite and models)")
+    parser.add_argument("--dtype", choices=["float32"], default="float32",
+                        help="CPU kernels are float32 (float64 exists for testing, not for speed)")
+    parser.add_argument("--device", choices=["cpu"], default="cpu",
+                        help="cpu; GPU suites come with the GPU backends")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all)")
+    parser.add_argument("--reps", type=int, default=50, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    parser.add_argument("--json", dest="json_path", default=None, help="write rows and machine info here")
+    parser.add_argument("--only", nargs="*", default=None, help="models suite: run only these official models")
+    args = parser.parse_args(argv)
+
+    warnings.simplefilter("ignore", UserWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
+              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps}
+    print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
+    print(f"# median of {args.reps} interleaved runs after {args.warmup} warm-up; speedup = min(eager) / fused")
+    print(" | ".join(COLUMNS))
+    if args.suite == "default":
+        rows = run_layers([args.batch], args.reps, args.warmup)
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup)
+    elif args.suite == "cpu-layers":
+        rows = run_layers([1, 8], args.reps, args.warmup)
+    else:
+        names = args.only or ["cifar_mobilenetv1_w1_bsconvu", "mobilenetv1_w1_bsconvu", "resnet18_bsconvu"]
+        rows = run_models(names, args.batch, args.reps, args.warmup)
+    speedups = [r["speedup"] for r in rows]
+    summary = {"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)}
+    print(f"# geometric-mean speedup {summary['geomean_speedup']:.2f}x, slowest case {summary['min_speedup']:.2f}x")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({**header, **summary, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

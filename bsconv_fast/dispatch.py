@@ -1,0 +1,100 @@
+"""Backend choice. Each backend says whether it supports a problem and, if not, why; the first
+that fits runs. `explain` and the one-time fallback warnings are built on the same answers."""
+import dataclasses
+import warnings
+
+import torch
+
+from bsconv_fast import _ext
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    device_type: str
+    dtype: torch.dtype
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    padding_mode: str = "zeros"
+
+
+class Backend:
+    name = "?"
+
+    def why_not(self, problem):
+        """None when this backend runs `problem`, else a short reason."""
+        raise NotImplementedError
+
+
+class CpuFused(Backend):
+    dtypes = (torch.float32, torch.float64)
+
+    @property
+    def name(self):
+        return f"cpu-fused ({_ext.cpu_kernel_isa()})"
+
+    def why_not(self, p):
+        if p.device_type != "cpu":
+            return "input is not on the CPU"
+        if not _ext.available():
+            return f"C++ extension not loaded ({_ext.LOAD_ERROR})"
+        if p.dtype not in self.dtypes:
+            return f"dtype {p.dtype} (CPU kernel: float32, float64)"
+        if p.padding_mode != "zeros":
+            return f"padding_mode={p.padding_mode!r} (fused kernels pad with zeros only)"
+        return None
+
+
+class GpuFused(Backend):
+    name = "gpu-fused"
+
+    def why_not(self, p):
+        if p.device_type != "cuda":
+            return "input is not on a CUDA device"
+        return "no fused GPU kernel in this build yet"
+
+
+class Reference(Backend):
+    name = "reference"
+
+    def why_not(self, p):
+        return None
+
+
+BACKENDS = [CpuFused(), GpuFused(), Reference()]
+
+
+@dataclasses.dataclass
+class Choice:
+    backend: Backend
+    rejected: dict  # backend name -> reason, for every backend tried before the chosen one
+
+    @property
+    def reason(self):
+        """Why the reference runs (empty for a fused backend)."""
+        if self.backend.name != "reference":
+            return ""
+        relevant = [r for r in self.rejected.values() if not r.startswith("input is not on")]
+        return "; ".join(relevant) or "; ".join(self.rejected.values())
+
+
+def choose(problem):
+    rejected = {}
+    for backend in BACKENDS:
+        reason = backend.why_not(problem)
+        if reason is None:
+            return Choice(backend, rejected)
+        rejected[backend.name] = reason
+    raise AssertionError("the reference backend accepts every problem")
+
+
+_warned = set()
+
+
+def warn_fallback(reason):
+    """Warn once per distinct reason that a BSConv layer runs the (unfused) reference."""
+    if reason and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"bsconv_fast: running the unfused reference because: {reason}. "
+                      "bsconv_fast.explain(model, x) lists the affected layers.", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,53 @@
+"""explain(model, x): which backend runs each BSConv layer, and why when it is the reference."""
+import copy
+
+import torch
+
+from bsconv_fast.modules import BSConvS, BSConvU
+from bsconv_fast.patching import _fused_class
+
+
+class Report(list):
+    """A list of rows (dicts: module, type, input shape, backend, reason) that prints as a table."""
+
+    def __str__(self):
+        header = ("module", "type", "input", "backend", "reason")
+        rows = [header] + [tuple(str(r[k]) for k in header) for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+    def backends(self):
+        return {row["module"]: row["backend"] for row in self}
+
+
+def explain(model, example_input):
+    """Run `model(example_input)` once (no grad) and report, for every BSConv layer, the backend
+    that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason. Layers that are
+    BSConv but not patched are listed as reference with reason 'not patched'.
+
+    It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched."""
+    model = copy.deepcopy(model)
+    report = Report()
+    handles = []
+
+    def record(name, module):
+        def hook(mod, args):
+            x = args[0]
+            if isinstance(mod, (BSConvU, BSConvS)):
+                backend, reason = mod.choice(x)
+            else:
+                backend, reason = "reference", "not patched (call bsconv_fast.patch(model))"
+            report.append({"module": name or "(root)", "type": type(mod).__name__,
+                           "input": tuple(x.shape), "backend": backend, "reason": reason})
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (BSConvU, BSConvS)) or _fused_class(module) is not None:
+            handles.append(module.register_forward_pre_hook(record(name, module)))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return report

@@ -1,0 +1,142 @@
+"""Drop-in BSConv modules. Same constructor, children and state_dict keys as
+bsconv.pytorch.BSConvU / BSConvS (bsconv==0.4.0), so official checkpoints load with strict=True;
+forward runs the fused pointwise->depthwise op whenever a backend fits."""
+import math
+
+import torch
+import torch.nn as nn
+
+from bsconv_fast import dispatch, functional
+
+
+def fold_bn(weight, bn):
+    """Fold an eval-mode BatchNorm that follows a 1x1 conv: returns (scaled weight, bias)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.view(-1, 1, 1, 1), shift
+
+
+def bn_uses_batch_stats(bn):
+    return bn.training or bn.running_mean is None
+
+
+class _FusedSequential(nn.Sequential):
+    """Shared forward: children up to the last 1x1 run as they are; the last 1x1 (+ BN) and the
+    depthwise conv run fused."""
+
+    # Names of the last pointwise conv, the BN after it (if any) and the depthwise conv.
+    _pw, _bn, _dw = "pw", "bn", "dw"
+
+    @classmethod
+    def from_children(cls, children):
+        """Wrap existing child modules (weights shared, nothing copied)."""
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, children)
+        return module
+
+    def _prefix(self, x):
+        return x
+
+    def _stage_bn(self):
+        return getattr(self, self._bn, None)
+
+    def _module_reason(self):
+        """Why this module cannot run fused regardless of the input, or ''."""
+        bn = self._stage_bn()
+        if bn is not None and bn_uses_batch_stats(bn):
+            return "BatchNorm between pointwise and depthwise uses batch statistics (training mode)"
+        return ""
+
+    def _problem(self, x):
+        dw = getattr(self, self._dw)
+        stride, padding, dilation = functional.check_args(
+            x, getattr(self, self._pw).weight, dw.weight, dw.bias, dw.stride, dw.padding, dw.dilation)
+        return functional.problem_of(x, dw.weight, stride, padding, dilation, dw.padding_mode)
+
+    def choice(self, x):
+        """(backend name, reason) for input x of the fused stage; reason is '' on a fused backend."""
+        x = self._prefix(x)
+        reason = self._module_reason()
+        if reason:
+            return "reference", reason
+        chosen = dispatch.choose(self._problem(x))
+        return chosen.backend.name, chosen.reason
+
+    def forward(self, x):
+        x = self._prefix(x)
+        reason = self._module_reason()
+        if reason:
+            dispatch.warn_fallback(reason)
+            return self._unfused_tail(x)
+        pw, dw = getattr(self, self._pw), getattr(self, self._dw)
+        weight, mid_bias = pw.weight, None
+        bn = self._stage_bn()
+        if bn is not None:
+            weight, mid_bias = fold_bn(weight, bn)
+        return functional.pw_dw(x, weight, dw.weight, mid_bias, dw.bias, dw.stride, dw.padding,
+                                dw.dilation, padding_mode=dw.padding_mode)
+
+    def _unfused_tail(self, x):
+        names = [self._pw, self._bn, self._dw]
+        for name in names:
+            child = getattr(self, name, None)
+            if child is not None:
+                x = child(x)
+        return x
+
+
+class BSConvU(_FusedSequential):
+    """BSConv-U: 1x1 pointwise (no bias), optional BN, kxk depthwise (children: pw, [bn], dw)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 padding_mode="zeros", with_bn=False, bn_kwargs=None):
+        super().__init__()
+        bn_kwargs = bn_kwargs or {}
+        self.add_module("pw", nn.Conv2d(in_channels, out_channels, (1, 1), bias=False))
+        if with_bn:
+            self.add_module("bn", nn.BatchNorm2d(out_channels, **bn_kwargs))
+        self.add_module("dw", nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+                                        groups=out_channels, bias=bias, padding_mode=padding_mode))
+
+
+def mid_channels(in_channels, p, min_mid_channels):
+    return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
+
+
+class BSConvS(_FusedSequential):
+    """BSConv-S: 1x1 (Cin->M), [BN], 1x1 (M->Cout), [BN], kxk depthwise
+    (children: pw1, [bn1], pw2, [bn2], dw). Keeps the orthonormal regularisation `_reg_loss`."""
+
+    _pw, _bn, _dw = "pw2", "bn2", "dw"
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
+                 padding_mode="zeros", p=0.25, min_mid_channels=4, with_bn=False, bn_kwargs=None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        bn_kwargs = bn_kwargs or {}
+        mid = mid_channels(in_channels, p, min_mid_channels)
+        self.add_module("pw1", nn.Conv2d(in_channels, mid, (1, 1), bias=False))
+        if with_bn:
+            self.add_module("bn1", nn.BatchNorm2d(mid, **bn_kwargs))
+        self.add_module("pw2", nn.Conv2d(mid, out_channels, (1, 1), bias=False))
+        if with_bn:
+            self.add_module("bn2", nn.BatchNorm2d(out_channels, **bn_kwargs))
+        self.add_module("dw", nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding, dilation,
+                                        groups=out_channels, bias=bias, padding_mode=padding_mode))
+
+    def _prefix(self, x):
+        x = self.pw1(x)
+        bn1 = getattr(self, "bn1", None)
+        return bn1(x) if bn1 is not None else x
+
+    def _reg_loss(self):
+        W = self[0].weight[:, :, 0, 0]
+        WWt = torch.mm(W, torch.transpose(W, 0, 1))
+        I = torch.eye(WWt.shape[0], device=WWt.device)
+        return torch.norm(WWt - I, p="fro")
+

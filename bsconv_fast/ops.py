@@ -1,0 +1,84 @@
+"""Python side of the torch.library ops declared in csrc/bsconv.cpp: fake (meta) kernels for
+torch.compile / export, and autograd. Backward recomputes the intermediate from the saved
+inputs with standard ops instead of keeping it alive from the forward pass."""
+import torch
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
+
+from bsconv_fast import _ext
+from bsconv_fast.reference import activation
+
+aten = torch.ops.aten
+
+
+def conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    kh, kw = dw_weight.shape[2:]
+    return (n, pw_weight.shape[0], conv_out_size(h, kh, stride[0], padding[0], dilation[0]),
+            conv_out_size(w, kw, stride[1], padding[1], dilation[1]))
+
+
+def _act_backward(grad, pre, code):
+    """d act(pre) / d pre applied to grad, with the same ATen kernels autograd uses."""
+    if code == 0:
+        return grad
+    if code == 1:
+        return aten.threshold_backward(grad, pre, 0)
+    if code == 2:
+        return aten.hardtanh_backward(grad, pre, 0.0, 6.0)
+    if code == 3:
+        return aten.hardswish_backward(grad, pre)
+    return aten.silu_backward(grad, pre)
+
+
+if _ext.available():
+
+    @torch.library.register_fake("bsconv_fast::pw_dw")
+    def _pw_dw_fake(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
+        shape = pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+    def _setup_context(ctx, inputs, output):
+        x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act = inputs
+        ctx.save_for_backward(x, pw_weight, dw_weight, mid_bias, bias)
+        ctx.conv = (list(stride), list(padding), list(dilation), mid_act, out_act)
+
+    def _backward(ctx, grad):
+        x, pw_weight, dw_weight, mid_bias, bias = ctx.saved_tensors
+        stride, padding, dilation, mid_act, out_act = ctx.conv
+        need = ctx.needs_input_grad
+        channels = pw_weight.shape[0]
+        # Recompute the intermediate (the forward never materialised it).
+        z = F.conv2d(x, pw_weight)
+        if mid_bias is not None:
+            z = z + mid_bias.view(1, -1, 1, 1)
+        a = activation(z, mid_act)
+        if out_act != 0:
+            pre = F.conv2d(a, dw_weight, bias, stride, padding, dilation, channels)
+            grad = _act_backward(grad, pre, out_act)
+        need_a = need[0] or need[1] or need[3]
+        ga, g_dw, g_bias = aten.convolution_backward(
+            grad, a, dw_weight, [channels] if bias is not None else None, stride, padding, dilation,
+            False, [0, 0], channels, [need_a, need[2], need[4] and bias is not None])
+        g_x = g_pw = g_mid = None
+        if need_a:
+            gz = _act_backward(ga, z, mid_act)
+            if need[3] and mid_bias is not None:
+                g_mid = gz.sum((0, 2, 3))
+            if need[0] or need[1]:
+                g_x, g_pw, _ = aten.convolution_backward(
+                    gz, x, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                    [need[0], need[1], False])
+        return g_x, g_pw, g_dw, g_mid, g_bias, None, None, None, None, None
+
+    torch.library.register_autograd("bsconv_fast::pw_dw", _backward, setup_context=_setup_context)
+
+
+def pw_dw(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
+    """The fused op as registered (CPU: C++ kernel; CUDA: the registered GPU kernel)."""
+    return torch.ops.bsconv_fast.pw_dw(x, pw_weight, dw_weight, mid_bias, bias, list(stride),
+                                       list(padding), list(dilation), mid_act, out_act)

@@ -1,0 +1,119 @@
+"""Parameter, FLOP and byte counts per module.
+
+`flops` follows the convention of the official bsconv.pytorch.ModelProfiler (the figures of the
+BSConv README): conv = output pixels x weight elements (+ one per output element for a bias),
+linear alike, BN = 2 per element (1 without affine), ReLU and pooling = 1 per element, other
+modules 0. `macs` are the multiply-adds of convolutions and linear layers; `real_flops` counts each
+multiply-add as 2 FLOPs plus the element-wise work. `min_bytes` is what a module must move at
+least: its input, its output and its parameters once; for a fused BSConv layer the intermediate
+is not included, which is the point of fusing it.
+"""
+import torch
+import torch.nn as nn
+
+from bsconv_fast.modules import BSConvS, BSConvU
+
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _count_params(modules):
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+
+
+def _conv_counts(weight, bias, out_pixels, out_elems):
+    """(paper flops, macs) of a convolution given output pixels (N*OH*OW) and output elements."""
+    macs = out_pixels * weight.numel()
+    return macs + (out_elems if bias is not None else 0), macs
+
+
+def _leaf_counts(module, x, y):
+    """(paper flops, macs) of a leaf module, following ModelProfiler.count_flops."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _conv_counts(module.weight, module.bias, y[:, 0].numel(), y.numel())
+    if isinstance(module, nn.Linear):
+        macs = x.numel() * y[-1].numel()
+        return macs + (y.numel() if module.bias is not None else 0), macs
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return x.numel() * (2 if module.affine else 1), 0
+    if isinstance(module, nn.ReLU):
+        return y.numel(), 0
+    if isinstance(module, _POOLS):
+        return x.numel(), 0
+    return 0, 0
+
+
+def _fused_counts(module, x, y):
+    """(paper flops, macs, params) of the fused tail of a BSConv module: last 1x1, BN, depthwise.
+    (BSConv-S's first 1x1 and BN run as ordinary child modules and are counted as leaves.)"""
+    pw, bn, dw = getattr(module, module._pw), getattr(module, module._bn, None), getattr(module, module._dw)
+    n, _, h, w = x.shape
+    mid_elems = n * pw.out_channels * h * w
+    flops, macs = _conv_counts(pw.weight, None, n * h * w, mid_elems)
+    if bn is not None:
+        flops += mid_elems * (2 if bn.affine else 1)
+    dw_flops, dw_macs = _conv_counts(dw.weight, dw.bias, y[:, 0].numel(), y.numel())
+    return flops + dw_flops, macs + dw_macs, _count_params([m for m in (pw, bn, dw) if m is not None])
+
+
+class ProfileReport:
+    """Rows per counted module (leaves and fused BSConv layers) and totals."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        for key in ("params", "flops", "macs", "real_flops", "min_bytes"):
+            setattr(self, "total_" + key, sum(r[key] for r in rows))
+
+    def __str__(self):
+        cols = ("module", "type", "in_shape", "out_shape", "params", "flops", "macs", "min_bytes")
+        total = {"module": "(Total)", "type": "", "in_shape": "", "out_shape": "",
+                 "params": self.total_params, "flops": self.total_flops, "macs": self.total_macs,
+                 "min_bytes": self.total_min_bytes}
+        table = [cols] + [tuple(_fmt(r[c]) for c in cols) for r in self.rows + [total]]
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        return "\n".join("  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                         for row in table)
+
+
+def _fmt(v):
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu"):
+    """Profile `model` on one random input of `input_size` (forward under no_grad)."""
+    rows = []
+    handles = []
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0]
+            if isinstance(module, (BSConvU, BSConvS)):
+                x = _tail_input(module, x)
+                flops, macs, params = _fused_counts(module, x, out)
+            else:
+                (flops, macs), params = _leaf_counts(module, x, out), _count_params([module])
+            esize = out.element_size()
+            rows.append({"module": name, "type": type(module).__name__, "in_shape": tuple(x.shape[1:]),
+                         "out_shape": tuple(out.shape[1:]), "params": params, "flops": flops, "macs": macs,
+                         "real_flops": flops + macs,
+                         "min_bytes": (x.numel() + out.numel()) * esize + params * esize})
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, (BSConvU, BSConvS)) or len(module._modules) == 0:
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(torch.randn(input_size, dtype=dtype, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return ProfileReport(rows)
+
+
+def _tail_input(module, x):
+    """Shape-only stand-in for the input of the fused tail (BSConv-S: after its first 1x1)."""
+    if isinstance(module, BSConvS):
+        return x.new_empty((x.shape[0], module.pw1.out_channels) + tuple(x.shape[2:]))
+    return x

@@ -1,0 +1,33 @@
+// Schema of the bsconv_fast operators, defined once. Backends register
+// implementations per dispatch key: csrc/cpu/pw_dw_cpu.cpp (CPU), Python
+// (Triton, CUDA key) and the fake/autograd registrations in bsconv_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/pw_dw_cpu.h"
+
+// `import bsconv_fast._C` loads this library, which runs the static registrations below.
+// The module itself only tells which CPU kernel family is active (for explain()).
+static PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(bsconv_fast::cpu::kernel_isa());
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS, "CPU kernel family: 'avx512', 'avx2-fma' or 'scalar'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bsconv_fast, m) {
+  // y = act2(depthwise(act1(conv1x1(x, pw_weight) + mid_bias), dw_weight) + bias)
+  // The depthwise zero padding applies to the intermediate after act1(. + mid_bias).
+  // Activation codes: 0 identity, 1 relu, 2 relu6, 3 hardswish, 4 silu.
+  m.def(
+      "pw_dw(Tensor x, Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
+}

@@ -1,0 +1,389 @@
+// CPU implementation of bsconv_fast::pw_dw: fused 1x1 (pointwise) -> kxk depthwise.
+//
+// One pass over the input. Each work item owns a slab of output channels and a band of
+// output rows of one image. It keeps a ring of pointwise rows (W x channel-slab) in a
+// thread-local buffer: when an output row needs input rows that are not in the ring yet,
+// they are computed by a register-blocked GEMM (the pointwise stage, with the mid bias
+// and activation applied in its epilogue) and consumed by the depthwise stage right
+// away, from cache. Rows of the vertical halo stay in the ring and are reused, never
+// recomputed; the full intermediate tensor is never allocated.
+//
+// Work is split over output channels first (no redundant work at all) and only then over
+// row bands (which recompute at most the (kh-1)*dilation halo rows per band).
+//
+// Kernel families share the driver: SIMD for float32 (AVX-512 or AVX2/FMA, compiled with
+// target attributes and chosen at run time, see simd_kernels.h) and a portable scalar
+// template (float32 without AVX2, and float64 so that gradcheck runs through the fused op).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "pw_dw_cpu.h"
+
+namespace bsconv_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kNR = 16;         // output channels per packed weight panel
+constexpr int64_t kMinPixels = 96;  // pointwise pixels per GEMM call we aim for
+
+enum Act : int64_t { kIdentity = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+inline T act_scalar(T v, int64_t act) {
+  switch (act) {
+    case kRelu: return v > T(0) ? v : T(0);
+    case kRelu6: return std::min(std::max(v, T(0)), T(6));
+    case kHardswish: return v * std::min(std::max(v + T(3), T(0)), T(6)) / T(6);
+    case kSilu: return v / (T(1) + std::exp(-v));
+    default: return v;
+  }
+}
+
+struct Geometry {
+  int64_t N, H, W, Cin, Cout, Cp;
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
+  int64_t mid_act, out_act;
+};
+
+template <typename T>
+struct Operands {
+  const T* x;   // [N, H, W, Cin]
+  const T* pw;  // [Cp / kNR, Cin, kNR], zero-padded panels
+  const T* b1;  // [Cp]
+  const T* dw;  // [KH * KW, Cp]
+  const T* b2;  // [Cp]
+  T* y;         // [N, OH, OW, Cout]
+};
+
+// Which kernel columns of output pixel `ow` land inside the input row.
+inline void valid_taps(const Geometry& g, int64_t ow, int64_t* lo, int64_t* hi) {
+  const int64_t iw0 = ow * g.sw - g.pw;
+  int64_t a = 0, b = g.KW;
+  while (a < b && iw0 + a * g.dw < 0) ++a;
+  while (b > a && iw0 + (b - 1) * g.dw >= g.W) --b;
+  *lo = a;
+  *hi = b;
+}
+
+// ---------------------------------------------------------------- scalar kernels
+template <typename T>
+struct ScalarKernels {
+  // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
+  static void pw_rows(const Geometry& g, const Operands<T>& o, const T* a, int64_t npix,
+                      int64_t c0, int64_t cg, T* out) {
+    for (int64_t p = 0; p < npix; ++p) {
+      const T* ap = a + p * g.Cin;
+      for (int64_t panel = c0 / kNR; panel < (c0 + cg) / kNR; ++panel) {
+        T acc[kNR];
+        for (int64_t j = 0; j < kNR; ++j) acc[j] = o.b1[panel * kNR + j];
+        const T* bp = o.pw + panel * g.Cin * kNR;
+        for (int64_t k = 0; k < g.Cin; ++k) {
+          const T av = ap[k];
+          for (int64_t j = 0; j < kNR; ++j) acc[j] += av * bp[k * kNR + j];
+        }
+        T* op = out + p * cg + (panel * kNR - c0);
+        for (int64_t j = 0; j < kNR; ++j) op[j] = act_scalar(acc[j], g.mid_act);
+      }
+    }
+  }
+
+  static void dw_row(const Geometry& g, const Operands<T>& o, const T* const* rows, int64_t n,
+                     int64_t oh, int64_t c0, int64_t cg) {
+    const int64_t cend = std::min(c0 + cg, g.Cout);
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      int64_t kw_lo, kw_hi;
+      valid_taps(g, ow, &kw_lo, &kw_hi);
+      const int64_t iw0 = ow * g.sw - g.pw;
+      T* yp = o.y + ((n * g.OH + oh) * g.OW + ow) * g.Cout;
+      for (int64_t c = c0; c < cend; ++c) {
+        T acc = o.b2[c];
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          if (rows[kh] == nullptr) continue;
+          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+            acc += rows[kh][(iw0 + kw * g.dw) * cg + (c - c0)] * o.dw[(kh * g.KW + kw) * g.Cp + c];
+          }
+        }
+        yp[c] = act_scalar(acc, g.out_act);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- SIMD kernels
+// One kernel source (simd_kernels.h), compiled for AVX2/FMA (8 lanes, 6-pixel tiles: 16 ymm
+// registers) and for AVX-512 (16 lanes, 12-pixel tiles: 32 zmm registers), picked at run time.
+namespace avx2 {
+#define BSCONV_TARGET __attribute__((target("avx2,fma")))
+using VReg = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kMR = 6;
+BSCONV_TARGET inline VReg vload(const float* p) { return _mm256_loadu_ps(p); }
+BSCONV_TARGET inline void vstore(float* p, VReg v) { _mm256_storeu_ps(p, v); }
+BSCONV_TARGET inline VReg vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+BSCONV_TARGET inline VReg vfma(VReg a, VReg b, VReg c) { return _mm256_fmadd_ps(a, b, c); }
+BSCONV_TARGET inline VReg vset1(float v) { return _mm256_set1_ps(v); }
+BSCONV_TARGET inline VReg vadd(VReg a, VReg b) { return _mm256_add_ps(a, b); }
+BSCONV_TARGET inline VReg vmul(VReg a, VReg b) { return _mm256_mul_ps(a, b); }
+BSCONV_TARGET inline VReg vdiv(VReg a, VReg b) { return _mm256_div_ps(a, b); }
+BSCONV_TARGET inline VReg vmax(VReg a, VReg b) { return _mm256_max_ps(a, b); }
+BSCONV_TARGET inline VReg vmin(VReg a, VReg b) { return _mm256_min_ps(a, b); }
+BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
+  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  _mm256_maskstore_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - n)), v);
+}
+#include "simd_kernels.h"
+#undef BSCONV_TARGET
+}  // namespace avx2
+
+namespace avx512 {
+#define BSCONV_TARGET __attribute__((target("avx512f,avx2,fma")))
+using VReg = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kMR = 12;
+BSCONV_TARGET inline VReg vload(const float* p) { return _mm512_loadu_ps(p); }
+BSCONV_TARGET inline void vstore(float* p, VReg v) { _mm512_storeu_ps(p, v); }
+BSCONV_TARGET inline VReg vbcast(const float* p) { return _mm512_set1_ps(*p); }
+BSCONV_TARGET inline VReg vfma(VReg a, VReg b, VReg c) { return _mm512_fmadd_ps(a, b, c); }
+BSCONV_TARGET inline VReg vset1(float v) { return _mm512_set1_ps(v); }
+BSCONV_TARGET inline VReg vadd(VReg a, VReg b) { return _mm512_add_ps(a, b); }
+BSCONV_TARGET inline VReg vmul(VReg a, VReg b) { return _mm512_mul_ps(a, b); }
+BSCONV_TARGET inline VReg vdiv(VReg a, VReg b) { return _mm512_div_ps(a, b); }
+BSCONV_TARGET inline VReg vmax(VReg a, VReg b) { return _mm512_max_ps(a, b); }
+BSCONV_TARGET inline VReg vmin(VReg a, VReg b) { return _mm512_min_ps(a, b); }
+BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+}
+#include "simd_kernels.h"
+#undef BSCONV_TARGET
+}  // namespace avx512
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+// The widest ISA the CPU has, capped by BSCONV_FAST_ISA=scalar|avx2 (for tests and comparisons).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    Isa best = Isa::kScalar;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+    const char* cap = std::getenv("BSCONV_FAST_ISA");
+    if (cap != nullptr && std::string(cap) == "scalar") return Isa::kScalar;
+    if (cap != nullptr && std::string(cap) == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
+    return best;
+  }();
+  return isa;
+}
+
+// ---------------------------------------------------------------- driver
+// One work item: image n, channels [c0, c0 + cg), output rows [oh0, oh1).
+template <typename T, typename K>
+void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, int64_t cg,
+              int64_t oh0, int64_t oh1) {
+  const int64_t span = (g.KH - 1) * g.dh + 1;  // input rows one output row reads
+  const int64_t extra = std::max<int64_t>(0, ceil_div(kMinPixels, g.W) - 1);
+  const int64_t ring_rows = std::max(span, std::min(span + extra, g.H));
+  const int64_t row_elems = g.W * cg;
+  thread_local std::vector<T> ring;
+  if (static_cast<int64_t>(ring.size()) < ring_rows * row_elems) ring.resize(ring_rows * row_elems);
+  std::vector<const T*> rows(g.KH);
+
+  const int64_t band_last = std::min(g.H - 1, (oh1 - 1) * g.sh - g.ph + (g.KH - 1) * g.dh);
+  int64_t next_row = 0;  // first input row not yet in the ring
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih_first = oh * g.sh - g.ph;
+    const int64_t lo = std::max<int64_t>(ih_first, 0);
+    const int64_t hi = std::min(ih_first + (g.KH - 1) * g.dh, g.H - 1);
+    next_row = std::max(next_row, lo);  // rows above the window are never needed again
+    if (hi >= next_row) {
+      // Fill ahead as far as the ring allows without evicting rows of this window.
+      const int64_t last = std::min(lo + ring_rows - 1, band_last);
+      while (next_row <= last) {
+        const int64_t slot = next_row % ring_rows;
+        const int64_t count = std::min(last - next_row + 1, ring_rows - slot);
+        K::pw_rows(g, o, o.x + ((n * g.H + next_row) * g.W) * g.Cin, count * g.W, c0, cg,
+                   ring.data() + slot * row_elems);
+        next_row += count;
+      }
+    }
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = ih_first + kh * g.dh;
+      rows[kh] = (ih >= 0 && ih < g.H) ? ring.data() + (ih % ring_rows) * row_elems : nullptr;
+    }
+    K::dw_row(g, o, rows.data(), n, oh, c0, cg);
+  }
+}
+
+template <typename T, typename K>
+void run(const Geometry& g, const Operands<T>& o) {
+  const int64_t panels = g.Cp / kNR;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // Channel slabs first: splitting channels costs no redundant work. Row bands only when
+  // images x slabs cannot keep every thread busy.
+  const int64_t want_groups = std::min(panels, ceil_div(threads, g.N));
+  const int64_t panels_per_group = ceil_div(panels, want_groups);
+  const int64_t groups = ceil_div(panels, panels_per_group);
+  const int64_t bands = std::min(g.OH, ceil_div(threads, g.N * groups));
+  const int64_t rows_per_band = ceil_div(g.OH, bands);
+  const int64_t items = g.N * groups * bands;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t band = item % bands;
+      const int64_t group = (item / bands) % groups;
+      const int64_t n = item / (bands * groups);
+      const int64_t c0 = group * panels_per_group * kNR;
+      const int64_t cg = std::min(panels_per_group * kNR, g.Cp - c0);
+      const int64_t oh0 = band * rows_per_band;
+      const int64_t oh1 = std::min(g.OH, oh0 + rows_per_band);
+      if (oh0 < oh1) run_item<T, K>(g, o, n, c0, cg, oh0, oh1);
+    }
+  });
+}
+
+// float32 takes the widest SIMD kernels the CPU has; float64 the scalar ones.
+void run_best(const Geometry& g, const Operands<float>& o) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: run<float, avx512::Kernels>(g, o); break;
+    case Isa::kAvx2: run<float, avx2::Kernels>(g, o); break;
+    default: run<float, ScalarKernels<float>>(g, o); break;
+  }
+}
+
+void run_best(const Geometry& g, const Operands<double>& o) { run<double, ScalarKernels<double>>(g, o); }
+
+// ---------------------------------------------------------------- packing
+template <typename T>
+at::Tensor pack_pw(const at::Tensor& w, int64_t Cout, int64_t Cin, int64_t Cp) {
+  auto packed = at::zeros({Cp / kNR, Cin, kNR}, w.options());
+  const T* src = w.data_ptr<T>();
+  T* dst = packed.data_ptr<T>();
+  for (int64_t co = 0; co < Cout; ++co) {
+    T* d = dst + (co / kNR) * Cin * kNR + (co % kNR);
+    for (int64_t k = 0; k < Cin; ++k) d[k * kNR] = src[co * Cin + k];
+  }
+  return packed;
+}
+
+at::Tensor pad_channels(const c10::optional<at::Tensor>& b, int64_t Cout, int64_t Cp,
+                        const at::TensorOptions& opts) {
+  auto out = at::zeros({Cp}, opts);
+  if (b.has_value()) out.narrow(0, 0, Cout).copy_(*b);
+  return out;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& pw_weight, const at::Tensor& dw_weight,
+                  const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t mid_act, int64_t out_act) {
+  TORCH_CHECK(x.dim() == 4, "bsconv_fast::pw_dw: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(2) == 1 && pw_weight.size(3) == 1,
+              "bsconv_fast::pw_dw: pw_weight must have shape (Cout, Cin, 1, 1), got ", pw_weight.sizes());
+  TORCH_CHECK(pw_weight.size(1) == x.size(1), "bsconv_fast::pw_dw: pw_weight expects ",
+              pw_weight.size(1), " input channels but x has ", x.size(1));
+  const int64_t Cout = pw_weight.size(0);
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == Cout && dw_weight.size(1) == 1,
+              "bsconv_fast::pw_dw: dw_weight must have shape (", Cout, ", 1, kh, kw), got ",
+              dw_weight.sizes());
+  for (const auto& b : {mid_bias, bias}) {
+    if (b.has_value()) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == Cout, "bsconv_fast::pw_dw: biases must have shape (",
+                  Cout, "), got ", b->sizes());
+      TORCH_CHECK(b->scalar_type() == x.scalar_type(), "bsconv_fast::pw_dw: bias dtype ",
+                  b->scalar_type(), " does not match x dtype ", x.scalar_type());
+    }
+  }
+  TORCH_CHECK(pw_weight.scalar_type() == x.scalar_type() && dw_weight.scalar_type() == x.scalar_type(),
+              "bsconv_fast::pw_dw: weights must have the dtype of x (", x.scalar_type(), ")");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "bsconv_fast::pw_dw: stride, padding and dilation need 2 values each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "bsconv_fast::pw_dw: stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "bsconv_fast::pw_dw: dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "bsconv_fast::pw_dw: padding must be >= 0, got ", padding);
+  TORCH_CHECK(mid_act >= 0 && mid_act <= 4 && out_act >= 0 && out_act <= 4,
+              "bsconv_fast::pw_dw: activation codes must be in [0, 4]");
+}
+
+// BSCONV_FAST_POISON=1 (the test suite sets it) fills outputs with NaN before the kernel
+// runs, so that an element the kernel forgets to write fails the comparison.
+bool poison_outputs() {
+  static const bool poison = [] {
+    const char* v = std::getenv("BSCONV_FAST_POISON");
+    return v != nullptr && v[0] == '1';
+  }();
+  return poison;
+}
+
+}  // namespace
+
+const char* kernel_isa() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2-fma";
+    default: return "scalar";
+  }
+}
+
+at::Tensor pw_dw_cpu(const at::Tensor& x_in, const at::Tensor& pw_weight, const at::Tensor& dw_weight,
+                     const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                     int64_t mid_act, int64_t out_act) {
+  check_inputs(x_in, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x_in.scalar_type());
+  Geometry g{};
+  g.N = x_in.size(0);
+  g.Cin = x_in.size(1);
+  g.H = x_in.size(2);
+  g.W = x_in.size(3);
+  g.Cout = pw_weight.size(0);
+  g.Cp = ceil_div(g.Cout, kNR) * kNR;
+  g.KH = dw_weight.size(2);
+  g.KW = dw_weight.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  g.mid_act = mid_act;
+  g.out_act = out_act;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::pw_dw: input ", g.H, "x", g.W,
+              " is too small for kernel ", g.KH, "x", g.KW, " with this padding and dilation");
+
+  const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (g.N > 0 && g.Cout > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto opts = x.options();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_cpu", [&] {
+      const at::Tensor pw = pack_pw<scalar_t>(pw_weight.contiguous(), g.Cout, g.Cin, g.Cp);
+      const at::Tensor dw = at::zeros({g.KH * g.KW, g.Cp}, opts);
+      dw.narrow(1, 0, g.Cout).copy_(dw_weight.reshape({g.Cout, g.KH * g.KW}).t());
+      const at::Tensor b1 = pad_channels(mid_bias, g.Cout, g.Cp, opts);
+      const at::Tensor b2 = pad_channels(bias, g.Cout, g.Cp, opts);
+      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(),
+                           dw.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()};
+      run_best(g, o);
+    });
+  }
+  return channels_last_in ? y : y.contiguous();
+}
+
+TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) { m.impl("pw_dw", &pw_dw_cpu); }
+
+}  // namespace cpu
+}  // namespace bsconv_fast

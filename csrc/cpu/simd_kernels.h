@@ -1,0 +1,132 @@
+// SIMD kernels of the fused CPU op, written once and included once per instruction set by
+// pw_dw_cpu.cpp, inside a namespace that defines:
+//   BSCONV_TARGET  function attribute enabling the ISA
+//   VReg, kLanes   vector register type and its float lanes
+//   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n)
+//   kMR            pixels per GEMM micro-tile (bounded by the register file)
+// Needs Geometry, Operands, valid_taps, act_scalar and kNR from the including file.
+//
+// Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
+// stores them back on every k step, which halves the micro-kernel's speed.
+
+BSCONV_TARGET inline VReg vact(VReg v, int64_t act) {
+  const VReg zero = vset1(0.f);
+  switch (act) {
+    case kRelu: return vmax(v, zero);
+    case kRelu6: return vmin(vmax(v, zero), vset1(6.f));
+    case kHardswish: return vdiv(vmul(v, vmin(vmax(vadd(v, vset1(3.f)), zero), vset1(6.f))), vset1(6.f));
+    default: return v;  // kSilu is finished in scalar code after the store (it needs exp)
+  }
+}
+
+// Store the first n (<= kLanes) lanes of act(v).
+BSCONV_TARGET inline void store_act(float* dst, VReg v, int64_t n, int64_t act) {
+  if (n <= 0) return;
+  v = vact(v, act);
+  if (n >= kLanes) {
+    vstore(dst, v);
+  } else {
+    vstore_first(dst, v, n);
+  }
+  if (act == kSilu) {
+    for (int64_t j = 0; j < std::min<int64_t>(n, kLanes); ++j) dst[j] = act_scalar(dst[j], act);
+  }
+}
+
+// MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
+// weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise.
+template <int MR, int NV>
+BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, int64_t K,
+                                     const float* bias0, const float* bias1, int64_t act, float* c,
+                                     int64_t ldc) {
+  static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
+  const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
+  VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
+  VReg c40 = i0, c41 = i1, c50 = i0, c51 = i1, c60 = i0, c61 = i1, c70 = i0, c71 = i1;
+  VReg c80 = i0, c81 = i1, c90 = i0, c91 = i1, ca0 = i0, ca1 = i1, cb0 = i0, cb1 = i1;
+  for (int64_t k = 0; k < K; ++k) {
+    const VReg w0 = vload(b0 + k * kNR);
+    const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
+#define BSCONV_ROW(r, R)                        \
+  if constexpr (MR > r) {                       \
+    const VReg av = vbcast(a + r * lda + k);    \
+    c##R##0 = vfma(av, w0, c##R##0);            \
+    if constexpr (NV > 1) c##R##1 = vfma(av, w1, c##R##1); \
+  }
+    BSCONV_ROW(0, 0) BSCONV_ROW(1, 1) BSCONV_ROW(2, 2) BSCONV_ROW(3, 3) BSCONV_ROW(4, 4) BSCONV_ROW(5, 5)
+    BSCONV_ROW(6, 6) BSCONV_ROW(7, 7) BSCONV_ROW(8, 8) BSCONV_ROW(9, 9) BSCONV_ROW(10, a) BSCONV_ROW(11, b)
+#undef BSCONV_ROW
+  }
+#define BSCONV_STORE(r, R)                                                      \
+  if constexpr (MR > r) {                                                       \
+    store_act(c + r * ldc, c##R##0, kLanes, act);                               \
+    if constexpr (NV > 1) store_act(c + r * ldc + kLanes, c##R##1, kLanes, act); \
+  }
+  BSCONV_STORE(0, 0) BSCONV_STORE(1, 1) BSCONV_STORE(2, 2) BSCONV_STORE(3, 3) BSCONV_STORE(4, 4)
+  BSCONV_STORE(5, 5) BSCONV_STORE(6, 6) BSCONV_STORE(7, 7) BSCONV_STORE(8, 8) BSCONV_STORE(9, 9)
+  BSCONV_STORE(10, a) BSCONV_STORE(11, b)
+#undef BSCONV_STORE
+}
+
+// All pixel tiles of one column block (NV vectors) of the pointwise stage.
+template <int NV>
+BSCONV_TARGET inline void gemm_columns(const Geometry& g, const float* a, int64_t npix, const float* b0,
+                                       const float* b1, const float* bias0, const float* bias1, float* c,
+                                       int64_t ldc) {
+  int64_t p = 0;
+  for (; p + kMR <= npix; p += kMR) {
+    gemm_micro<kMR, NV>(a + p * g.Cin, g.Cin, b0, b1, g.Cin, bias0, bias1, g.mid_act, c + p * ldc, ldc);
+  }
+  const float* ap = a + p * g.Cin;
+  float* cp = c + p * ldc;
+  switch (npix - p) {
+#define BSCONV_TAIL(r) \
+  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, g.Cin, b0, b1, g.Cin, bias0, bias1, g.mid_act, cp, ldc); break;
+    BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
+    BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
+#undef BSCONV_TAIL
+    default: break;
+  }
+}
+
+struct Kernels {
+  // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
+  BSCONV_TARGET static void pw_rows(const Geometry& g, const Operands<float>& o, const float* a, int64_t npix,
+                                    int64_t c0, int64_t cg, float* out) {
+    constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
+    int64_t c = c0;
+    for (; c + step <= c0 + cg; c += step) {
+      const float* b0 = o.pw + (c / kNR) * g.Cin * kNR + (c % kNR);
+      const float* b1 = o.pw + ((c + kLanes) / kNR) * g.Cin * kNR + ((c + kLanes) % kNR);
+      gemm_columns<2>(g, a, npix, b0, b1, o.b1 + c, o.b1 + c + kLanes, out + (c - c0), cg);
+    }
+    for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
+      const float* b0 = o.pw + (c / kNR) * g.Cin * kNR + (c % kNR);
+      gemm_columns<1>(g, a, npix, b0, b0, o.b1 + c, o.b1 + c, out + (c - c0), cg);
+    }
+  }
+
+  BSCONV_TARGET static void dw_row(const Geometry& g, const Operands<float>& o, const float* const* rows,
+                                   int64_t n, int64_t oh, int64_t c0, int64_t cg) {
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      int64_t kw_lo, kw_hi;
+      valid_taps(g, ow, &kw_lo, &kw_hi);
+      const int64_t iw0 = ow * g.sw - g.pw;
+      float* yp = o.y + ((n * g.OH + oh) * g.OW + ow) * g.Cout;
+      for (int64_t c = 0; c < cg; c += kLanes) {
+        const int64_t cc = c0 + c;
+        if (cc >= g.Cout) break;  // padded channels are never stored
+        VReg acc = vload(o.b2 + cc);
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          const float* row = rows[kh];
+          if (row == nullptr) continue;
+          const float* wk = o.dw + kh * g.KW * g.Cp + cc;
+          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+            acc = vfma(vload(row + (iw0 + kw * g.dw) * cg + c), vload(wk + kw * g.Cp), acc);
+          }
+        }
+        store_act(yp + cc, acc, g.Cout - cc, g.out_act);
+      }
+    }
+  }
+};

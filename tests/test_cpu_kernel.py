@@ -1,0 +1,121 @@
+"""The C++ CPU kernel (bsconv_fast::pw_dw) against the float64 reference over a parameter grid."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bsconv_fast
+from helpers import assert_close_to_reference, random_problem, ref64
+
+pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
+
+# (n, cin, cout, h, w, kernel, stride, padding, dilation, bias)
+GRID = [
+    (1, 3, 5, 7, 13, 1, 1, 0, 1, True),
+    (3, 5, 17, 13, 7, 3, 1, 1, 1, False),
+    (1, 17, 33, 33, 13, 3, 2, 1, 1, True),
+    (3, 33, 17, 13, 33, 5, 1, 2, 1, True),
+    (1, 5, 33, 33, 33, 5, 2, 2, 1, False),
+    (1, 17, 5, 13, 13, 7, 1, 3, 1, True),
+    (3, 3, 17, 7, 7, 7, 2, 3, 1, True),
+    (1, 33, 33, 13, 13, 3, 1, 2, 2, True),
+    (3, 17, 5, 33, 7, 5, 2, 4, 2, False),
+    (1, 5, 17, 13, 33, (3, 5), (2, 1), (1, 2), (1, 2), True),
+    (1, 17, 33, 7, 13, (1, 3), 1, (0, 1), 1, True),
+    (1, 33, 17, 13, 13, 3, 1, 0, 1, True),          # no padding
+    (1, 3, 5, 7, 7, 3, 2, 0, 2, True),               # dilation with stride and no padding
+    (0, 5, 17, 13, 13, 3, 1, 1, 1, True),            # batch 0
+    (1, 520, 530, 7, 9, 3, 1, 1, 1, True),           # large channel counts, not multiples of 16
+    (1, 64, 600, 13, 7, 3, 2, 1, 1, False),
+    (3, 33, 47, 9, 11, 3, 3, 1, 1, True),            # stride 3
+    (1, 5, 17, 5, 5, 3, 1, 4, 1, True),              # padding larger than the kernel reach
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _run_case(case, dtype, memory_format, act=(0, 0), mid_bias=False):
+    n, cin, cout, h, w, k, s, p, d, bias = case
+    s, p, d = _pair(s), _pair(p), _pair(d)
+    x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, dtype, bias, mid_bias)
+    x = x.contiguous(memory_format=memory_format)
+    out = bsconv_fast.pw_dw(x, pw, dw, mb, b, s, p, d, *act)
+    kh, kw = dw.shape[2:]
+    assert_close_to_reference(out, ref64(x, pw, dw, mb, b, s, p, d, *act), cin + kh * kw, str(case))
+    return x, out
+
+
+@pytest.mark.parametrize("case", GRID, ids=[str(i) for i in range(len(GRID))])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_grid_float32(case, memory_format):
+    x, out = _run_case(case, torch.float32, memory_format)
+    # output keeps the memory format of the input
+    if x.numel() and min(out.shape[2:]) > 1 and out.shape[1] > 1:
+        assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("case", GRID[:10], ids=[str(i) for i in range(10)])
+def test_grid_float64(case):
+    _run_case(case, torch.float64, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("mid_act,out_act", [(1, 0), (2, 2), (3, 3), (4, 4), (0, 1)])
+@pytest.mark.parametrize("case", [GRID[2], GRID[9], GRID[15]], ids=["s2", "rect", "wide"])
+def test_activations_and_mid_bias(case, mid_act, out_act):
+    """act2(dw(act1(pw(x) + b1)) + b2): zero padding applies after act1 (hardswish(0 + b1) != 0)."""
+    _run_case(case, torch.float32, torch.channels_last, (mid_act, out_act), mid_bias=True)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 40, 15, 17)[:, ::2, 1:, ::2].transpose(2, 3)  # sliced, strided, transposed
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    pw = torch.randn(9, 20, 1, 1)
+    dw = torch.randn(9, 1, 3, 3)
+    out = bsconv_fast.bsconv_u(x, pw, dw, None, 1, 1, 1)
+    assert_close_to_reference(out, ref64(x, pw, dw, None, None, (1, 1), (1, 1), (1, 1)), 29, "non-contiguous")
+
+
+def test_nan_inf_propagate_like_reference():
+    x, pw, dw, _, b = random_problem(1, 5, 7, 9, 9, 3)
+    x[0, 1, 4, 4] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    out = bsconv_fast.bsconv_u(x, pw, dw, b, 1, 1)
+    ref = ref64(x, pw, dw, None, b, (1, 1), (1, 1), (1, 1))
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+_ISA_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+import bsconv_fast
+from helpers import assert_close_to_reference, random_problem, ref64
+torch.manual_seed(0)
+for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2), (2, 1)), (1, 64, 48, 9, 9, 5, 1, 2, 1)]:
+    n, cin, cout, h, w, k, s, p, d = case
+    pr = lambda v: (v, v) if isinstance(v, int) else v
+    x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, mid_bias=True)
+    out = bsconv_fast.pw_dw(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2)
+    assert_close_to_reference(out, ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2), cin + 25, str(case))
+print(json.dumps(bsconv_fast._ext.cpu_kernel_isa()))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_isa_paths(isa):
+    """Each kernel family runs (in a fresh process, the ISA is chosen once) and matches."""
+    env = dict(os.environ, BSCONV_FAST_ISA=isa, BSCONV_FAST_POISON="1")
+    script = _ISA_SCRIPT.format(tests=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    used = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"scalar": "scalar", "avx2": "avx2-fma"}[isa]
+    if expected == "avx2-fma" and bsconv_fast._ext.cpu_kernel_isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    assert used == expected

@@ -1,0 +1,78 @@
+"""patch / unpatch on the official model zoo: same outputs, fast path really used, reversible."""
+import pytest
+import torch
+
+import bsconv_fast
+from helpers import assert_close_to_reference
+
+B = pytest.importorskip("bsconv.pytorch")
+pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
+
+MODELS = [("cifar_mobilenetv1_w1d4_bsconvu", 13), ("cifar_resnet20_bsconvu", 19), ("cifar_wrn16_2_bsconvs_p1d4", 13),
+          ("cifar_preresnet20_bsconvs_p1d8", 19), ("resnet10_bsconvu", 8)]
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.8, 1.2)
+
+
+@pytest.mark.parametrize("name,count", MODELS)
+def test_patched_official_model_matches(name, count):
+    model = B.get_model(name, num_classes=10).eval()
+    _randomize_bn(model)
+    size = 64 if not name.startswith("cifar") else 32
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = model.double()(x.double())
+        model.float()
+        patched = bsconv_fast.patch(model)
+        assert patched is model and model.bsconv_fast_patched == count
+        report = bsconv_fast.explain(model, x)
+        assert len(report) == count
+        assert set(report.backends().values()) == {f"cpu-fused ({bsconv_fast._ext.cpu_kernel_isa()})"}
+        with torch.profiler.profile() as prof:
+            got = model(x)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "bsconv_fast::pw_dw")
+    assert calls == count, f"fused op called {calls} times, expected {count}"
+    assert_close_to_reference(got, want, 4096, name)
+
+
+def test_unpatch_restores_official_classes_and_weights():
+    model = B.get_model("cifar_wrn16_1_bsconvs_p1d4", num_classes=10).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bsconv_fast.patch(model)
+    assert not any(isinstance(m, B.BSConvS) for m in model.modules())
+    bsconv_fast.unpatch(model)
+    assert sum(isinstance(m, B.BSConvS) for m in model.modules()) == 13
+    assert not any(isinstance(m, (bsconv_fast.BSConvS, bsconv_fast.BSConvU)) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_patch_recognises_equivalent_own_sequential_and_root_module():
+    seq = torch.nn.Sequential()
+    seq.add_module("pw", torch.nn.Conv2d(6, 10, 1, bias=False))
+    seq.add_module("dw", torch.nn.Conv2d(10, 10, 3, padding=1, groups=10))
+    x = torch.randn(1, 6, 9, 9)
+    want = seq(x)
+    fused = bsconv_fast.patch(seq)
+    assert isinstance(fused, bsconv_fast.BSConvU) and fused.pw is seq.pw
+    assert torch.allclose(fused(x), want, atol=1e-5)
+    assert isinstance(bsconv_fast.unpatch(fused), torch.nn.Sequential)
+
+
+def test_patch_leaves_non_bsconv_sequential_alone():
+    seq = torch.nn.Sequential()
+    seq.add_module("pw", torch.nn.Conv2d(6, 10, 1, bias=True))  # a bias on the 1x1: not BSConv
+    seq.add_module("dw", torch.nn.Conv2d(10, 10, 3, padding=1, groups=10))
+    assert bsconv_fast.patch(seq) is seq and seq.bsconv_fast_patched == 0
+
+
+def test_explain_lists_unpatched_layers():
+    model = B.get_model("cifar_resnet20_bsconvu", num_classes=10).eval()
+    report = bsconv_fast.explain(model, torch.randn(1, 3, 32, 32))
+    assert len(report) == 19 and all("not patched" in r["reason"] for r in report)
+    assert "not patched" in str(report)
