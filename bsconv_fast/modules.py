@@ -72,13 +72,56 @@ class _FusedSequential(nn.Sequential):
         if reason:
             dispatch.warn_fallback(reason)
             return self._unfused_tail(x)
-        pw, dw = getattr(self, self._pw), getattr(self, self._dw)
-        weight, mid_bias = pw.weight, None
-        bn = self._stage_bn()
-        if bn is not None:
-            weight, mid_bias = fold_bn(weight, bn)
+        plan = self._inference_plan(x)
+        if plan is not None:
+            return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed_weights(), *plan)
+        weight, mid_bias = self._folded_weights()
+        dw = getattr(self, self._dw)
         return functional.pw_dw(x, weight, dw.weight, mid_bias, dw.bias, dw.stride, dw.padding,
                                 dw.dilation, padding_mode=dw.padding_mode)
+
+    def _folded_weights(self):
+        """(pointwise weight, mid bias) with an eval-mode BN between the stages folded in."""
+        weight = getattr(self, self._pw).weight
+        bn = self._stage_bn()
+        return fold_bn(weight, bn) if bn is not None else (weight, None)
+
+    def _inference_plan(self, x):
+        """Arguments of pw_dw_packed after the packed weights, or None when the packed CPU path does
+        not apply: autograd needs the differentiable op, compile traces the plain op, and only the
+        CPU backend has a packed layout. Validated once per input signature."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._trainable())):
+            return None
+        key = (x.shape[1:], x.dtype, x.device)
+        plans = self.__dict__.setdefault("_bsconv_fast_plans", {})
+        if key not in plans:
+            problem = self._problem(x)
+            fused = dispatch.choose(problem).backend.name.startswith("cpu-fused")
+            dw = getattr(self, self._dw)
+            plans[key] = (dw.out_channels, list(problem.kernel), list(problem.stride), list(problem.padding),
+                          list(problem.dilation), 0, 0) if fused else None
+        return plans[key]
+
+    def _trainable(self):
+        return any(p.requires_grad for p in self._tail_params())
+
+    def _tail_params(self):
+        mods = [getattr(self, self._pw), self._stage_bn(), getattr(self, self._dw)]
+        return [t for m in mods if m is not None for t in list(m.parameters()) + list(m.buffers())]
+
+    def _packed_weights(self):
+        """Weights packed for the CPU kernel, cached until a weight, bias or BN tensor changes
+        (in-place updates bump the tensors' version counters; .to() changes their storage)."""
+        tensors = self._tail_params()
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_bsconv_fast_packed")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weight, mid_bias = self._folded_weights()
+                dw = getattr(self, self._dw)
+                cached = (key, torch.ops.bsconv_fast.pack(weight, dw.weight, mid_bias, dw.bias))
+            self.__dict__["_bsconv_fast_packed"] = cached
+        return cached[1]
 
     def _unfused_tail(self, x):
         names = [self._pw, self._bn, self._dw]

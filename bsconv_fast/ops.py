@@ -42,6 +42,20 @@ if _ext.available():
         shape = pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
+    @torch.library.register_fake("bsconv_fast::pack")
+    def _pack_fake(pw_weight, dw_weight, mid_bias, bias):
+        cout, cin = pw_weight.shape[:2]
+        cp = -(-cout // 16) * 16
+        taps = dw_weight.shape[2] * dw_weight.shape[3]
+        return pw_weight.new_empty((cp * cin + taps * cp + 2 * cp,))
+
+    @torch.library.register_fake("bsconv_fast::pw_dw_packed")
+    def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act):
+        n, _, h, w = x.shape
+        shape = (n, out_channels, conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0]),
+                 conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1]))
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
     def _setup_context(ctx, inputs, output):
         x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act = inputs
         ctx.save_for_backward(x, pw_weight, dw_weight, mid_bias, bias)

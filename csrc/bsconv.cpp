@@ -30,4 +30,11 @@ TORCH_LIBRARY(bsconv_fast, m) {
   m.def(
       "pw_dw(Tensor x, Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
+  // Inference without autograd: weights (and biases) packed once in the backend's layout by
+  // `pack`, then reused by `pw_dw_packed` on every call. The CPU layout is documented in
+  // csrc/cpu/pw_dw_cpu.cpp.
+  m.def("pack(Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias) -> Tensor");
+  m.def(
+      "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
+      "int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
 }

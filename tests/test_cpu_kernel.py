@@ -119,3 +119,18 @@ def test_other_isa_paths(isa):
     if expected == "avx2-fma" and bsconv_fast._ext.cpu_kernel_isa() == "scalar":
         pytest.skip("this CPU has no AVX2")
     assert used == expected
+
+
+def test_packed_op_matches_unpacked_and_validates():
+    x, pw, dw, mb, b = random_problem(2, 17, 33, 13, 11, (3, 5), mid_bias=True)
+    packed = torch.ops.bsconv_fast.pack(pw, dw, mb, b)
+    args = ([2, 1], [1, 2], [1, 1], 3, 2)
+    got = torch.ops.bsconv_fast.pw_dw_packed(x, packed, 33, [3, 5], *args)
+    want = torch.ops.bsconv_fast.pw_dw(x, pw, dw, mb, b, *args)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.bsconv_fast.pw_dw_packed.default, (x, packed, 33, [3, 5], *args))
+    torch.library.opcheck(torch.ops.bsconv_fast.pack.default, (pw, dw, mb, b))
+    with pytest.raises(RuntimeError, match="packed has"):
+        torch.ops.bsconv_fast.pw_dw_packed(x, packed, 32, [3, 5], *args)
+    with pytest.raises(RuntimeError, match="dtype of x"):
+        torch.ops.bsconv_fast.pw_dw_packed(x.double(), packed, 33, [3, 5], *args)

@@ -100,3 +100,31 @@ def test_padding_mode_reflect_falls_back_and_says_why():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.allclose(fast(x), official(x), atol=1e-6)
+
+
+def test_inference_uses_packed_cache_and_sees_weight_updates():
+    layer = bsconv_fast.BSConvU(17, 33, 3, padding=1, with_bn=True).eval()
+    _randomize_bn(layer)
+    x = torch.randn(2, 17, 9, 9)
+    with torch.inference_mode():
+        first = layer(x)
+        packed = layer.__dict__["_bsconv_fast_packed"][1]
+        assert layer(x).equal(first) and layer.__dict__["_bsconv_fast_packed"][1] is packed  # reused
+    with torch.no_grad():
+        layer.dw.weight.mul_(2.0)  # in-place update (as an optimizer step): cache must refresh
+        layer.bn.running_mean.add_(0.5)
+    with torch.inference_mode():
+        second = layer(x)
+    assert layer.__dict__["_bsconv_fast_packed"][1] is not packed
+    reference = bsconv_fast.patching.unpatch(layer)
+    with torch.no_grad():
+        assert_close_to_reference(second, reference.double()(x.double()), 17 + 9, "after update")
+
+
+def test_grad_mode_uses_differentiable_op():
+    layer = bsconv_fast.BSConvU(5, 7, 3, padding=1)
+    x = torch.randn(1, 5, 6, 6)
+    y = layer(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert layer.pw.weight.grad is not None and "_bsconv_fast_packed" not in layer.__dict__

@@ -263,23 +263,49 @@ void run_best(const Geometry& g, const Operands<float>& o) {
 void run_best(const Geometry& g, const Operands<double>& o) { run<double, ScalarKernels<double>>(g, o); }
 
 // ---------------------------------------------------------------- packing
+// All weights of one layer in one buffer, in the order the kernels read them:
+//   pw [Cp / kNR][Cin][kNR]  (16-channel panels, zero-padded to Cp channels)
+//   dw [KH * KW][Cp]         (channel-contiguous per tap)
+//   b1 [Cp], b2 [Cp]         (mid bias, output bias; zeros when absent)
+int64_t packed_numel(int64_t Cin, int64_t Cp, int64_t taps) { return Cp * Cin + taps * Cp + 2 * Cp; }
+
 template <typename T>
-at::Tensor pack_pw(const at::Tensor& w, int64_t Cout, int64_t Cin, int64_t Cp) {
-  auto packed = at::zeros({Cp / kNR, Cin, kNR}, w.options());
-  const T* src = w.data_ptr<T>();
-  T* dst = packed.data_ptr<T>();
-  for (int64_t co = 0; co < Cout; ++co) {
-    T* d = dst + (co / kNR) * Cin * kNR + (co % kNR);
-    for (int64_t k = 0; k < Cin; ++k) d[k * kNR] = src[co * Cin + k];
+void pack_into(T* dst, const T* pw, const T* dw, const T* b1, const T* b2, int64_t Cout, int64_t Cin,
+               int64_t Cp, int64_t taps) {
+  for (int64_t panel = 0; panel < Cp / kNR; ++panel) {  // sequential writes, 16 read streams
+    for (int64_t k = 0; k < Cin; ++k) {
+      for (int64_t j = 0; j < kNR; ++j) {
+        const int64_t co = panel * kNR + j;
+        *dst++ = co < Cout ? pw[co * Cin + k] : T(0);
+      }
+    }
   }
-  return packed;
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t c = 0; c < Cp; ++c) *dst++ = c < Cout ? dw[c * taps + t] : T(0);
+  }
+  for (const T* b : {b1, b2}) {
+    for (int64_t c = 0; c < Cp; ++c) *dst++ = (b != nullptr && c < Cout) ? b[c] : T(0);
+  }
 }
 
-at::Tensor pad_channels(const c10::optional<at::Tensor>& b, int64_t Cout, int64_t Cp,
-                        const at::TensorOptions& opts) {
-  auto out = at::zeros({Cp}, opts);
-  if (b.has_value()) out.narrow(0, 0, Cout).copy_(*b);
-  return out;
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+at::Tensor pack_checked(const at::Tensor& pw_weight, const at::Tensor& dw_weight,
+                        const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias) {
+  const int64_t Cout = pw_weight.size(0), Cin = pw_weight.size(1);
+  const int64_t Cp = ceil_div(Cout, kNR) * kNR, taps = dw_weight.size(2) * dw_weight.size(3);
+  auto packed = at::empty({packed_numel(Cin, Cp, taps)}, pw_weight.options());
+  const auto pw = pw_weight.contiguous(), dw = dw_weight.contiguous();
+  const auto b1 = mid_bias.has_value() ? c10::optional<at::Tensor>(mid_bias->contiguous()) : c10::nullopt;
+  const auto b2 = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(pw.scalar_type(), "bsconv_fast_pack", [&] {
+    pack_into<scalar_t>(packed.data_ptr<scalar_t>(), pw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                        data_or_null<scalar_t>(b1), data_or_null<scalar_t>(b2), Cout, Cin, Cp, taps);
+  });
+  return packed;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& pw_weight, const at::Tensor& dw_weight,
@@ -287,6 +313,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& pw_weight, const at::Te
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                   int64_t mid_act, int64_t out_act) {
   TORCH_CHECK(x.dim() == 4, "bsconv_fast::pw_dw: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x.scalar_type());
   TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(2) == 1 && pw_weight.size(3) == 1,
               "bsconv_fast::pw_dw: pw_weight must have shape (Cout, Cin, 1, 1), got ", pw_weight.sizes());
   TORCH_CHECK(pw_weight.size(1) == x.size(1), "bsconv_fast::pw_dw: pw_weight expects ",
@@ -334,22 +362,19 @@ const char* kernel_isa() {
   }
 }
 
-at::Tensor pw_dw_cpu(const at::Tensor& x_in, const at::Tensor& pw_weight, const at::Tensor& dw_weight,
-                     const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                     int64_t mid_act, int64_t out_act) {
-  check_inputs(x_in, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x_in.scalar_type());
+namespace {
+
+Geometry make_geometry(const at::Tensor& x, int64_t Cout, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t mid_act, int64_t out_act) {
   Geometry g{};
-  g.N = x_in.size(0);
-  g.Cin = x_in.size(1);
-  g.H = x_in.size(2);
-  g.W = x_in.size(3);
-  g.Cout = pw_weight.size(0);
-  g.Cp = ceil_div(g.Cout, kNR) * kNR;
-  g.KH = dw_weight.size(2);
-  g.KW = dw_weight.size(3);
+  g.N = x.size(0);
+  g.Cin = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Cout = Cout;
+  g.Cp = ceil_div(Cout, kNR) * kNR;
+  g.KH = kernel[0];
+  g.KW = kernel[1];
   g.sh = stride[0];
   g.sw = stride[1];
   g.ph = padding[0];
@@ -360,30 +385,77 @@ at::Tensor pw_dw_cpu(const at::Tensor& x_in, const at::Tensor& pw_weight, const 
   g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   g.mid_act = mid_act;
   g.out_act = out_act;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::pw_dw: input ", g.H, "x", g.W,
-              " is too small for kernel ", g.KH, "x", g.KW, " with this padding and dilation");
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::pw_dw: input ", g.H, "x", g.W, " is too small for kernel ",
+              g.KH, "x", g.KW, " with this padding and dilation");
+  return g;
+}
 
+// Run the kernels on packed weights; the output keeps the input's memory format.
+at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Geometry& g) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x_in.scalar_type());
   const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (g.N > 0 && g.Cout > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    const auto opts = x.options();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_cpu", [&] {
-      const at::Tensor pw = pack_pw<scalar_t>(pw_weight.contiguous(), g.Cout, g.Cin, g.Cp);
-      const at::Tensor dw = at::zeros({g.KH * g.KW, g.Cp}, opts);
-      dw.narrow(1, 0, g.Cout).copy_(dw_weight.reshape({g.Cout, g.KH * g.KW}).t());
-      const at::Tensor b1 = pad_channels(mid_bias, g.Cout, g.Cp, opts);
-      const at::Tensor b2 = pad_channels(bias, g.Cout, g.Cp, opts);
-      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(),
-                           dw.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()};
+      const scalar_t* pw = packed.data_ptr<scalar_t>();
+      const scalar_t* dw = pw + g.Cp * g.Cin;
+      const scalar_t* b1 = dw + g.KH * g.KW * g.Cp;
+      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw, b1, dw, b1 + g.Cp, y.data_ptr<scalar_t>()};
       run_best(g, o);
     });
   }
   return channels_last_in ? y : y.contiguous();
 }
 
-TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) { m.impl("pw_dw", &pw_dw_cpu); }
+}  // namespace
+
+at::Tensor pw_dw_cpu(const at::Tensor& x, const at::Tensor& pw_weight, const at::Tensor& dw_weight,
+                     const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                     int64_t mid_act, int64_t out_act) {
+  check_inputs(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act);
+  const Geometry g = make_geometry(x, pw_weight.size(0), dw_weight.sizes().slice(2), stride, padding, dilation,
+                                   mid_act, out_act);
+  return run_packed(x, pack_checked(pw_weight, dw_weight, mid_bias, bias), g);
+}
+
+at::Tensor pack_cpu(const at::Tensor& pw_weight, const at::Tensor& dw_weight,
+                    const c10::optional<at::Tensor>& mid_bias, const c10::optional<at::Tensor>& bias) {
+  const auto x_like = at::empty({0, pw_weight.size(1), 1, 1}, pw_weight.options());
+  check_inputs(x_like, pw_weight, dw_weight, mid_bias, bias, {1, 1}, {0, 0}, {1, 1}, 0, 0);
+  return pack_checked(pw_weight, dw_weight, mid_bias, bias);
+}
+
+at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
+                            at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t mid_act, int64_t out_act) {
+  TORCH_CHECK(x.dim() == 4, "bsconv_fast::pw_dw_packed: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::pw_dw_packed: bad kernel ", kernel);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::pw_dw_packed: bad stride ", stride);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+              "bsconv_fast::pw_dw_packed: bad dilation ", dilation);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "bsconv_fast::pw_dw_packed: bad padding ", padding);
+  TORCH_CHECK(mid_act >= 0 && mid_act <= 4 && out_act >= 0 && out_act <= 4,
+              "bsconv_fast::pw_dw_packed: activation codes must be in [0, 4]");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.dim() == 1 && packed.is_contiguous(),
+              "bsconv_fast::pw_dw_packed: packed must be a contiguous 1-D buffer from bsconv_fast::pack with "
+              "the dtype of x");
+  const Geometry g = make_geometry(x, out_channels, kernel, stride, padding, dilation, mid_act, out_act);
+  TORCH_CHECK(packed.numel() == packed_numel(g.Cin, g.Cp, g.KH * g.KW), "bsconv_fast::pw_dw_packed: packed has ",
+              packed.numel(), " elements, not what bsconv_fast::pack gives for ", g.Cin, " input channels, ",
+              out_channels, " output channels and a ", g.KH, "x", g.KW, " kernel");
+  return run_packed(x, packed, g);
+}
+
+TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
+  m.impl("pw_dw", &pw_dw_cpu);
+  m.impl("pack", &pack_cpu);
+  m.impl("pw_dw_packed", &pw_dw_packed_cpu);
+}
 
 }  // namespace cpu
 }  // namespace bsconv_fast

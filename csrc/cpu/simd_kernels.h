@@ -4,7 +4,7 @@
 //   VReg, kLanes   vector register type and its float lanes
 //   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n)
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
-// Needs Geometry, Operands, valid_taps, act_scalar and kNR from the including file.
+// Needs Geometry, Operands, valid_taps, ceil_div, act_scalar and kNR from the including file.
 //
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
 // stores them back on every k step, which halves the micro-kernel's speed.
@@ -108,7 +108,16 @@ struct Kernels {
 
   BSCONV_TARGET static void dw_row(const Geometry& g, const Operands<float>& o, const float* const* rows,
                                    int64_t n, int64_t oh, int64_t c0, int64_t cg) {
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
+    if (g.KH == 3 && g.KW == 3) return dw_row_fixed<3, 3>(g, o, rows, n, oh, c0, cg);
+    if (g.KH == 5 && g.KW == 5) return dw_row_fixed<5, 5>(g, o, rows, n, oh, c0, cg);
+    dw_row_generic(g, o, rows, n, oh, c0, cg, 0, g.OW);
+  }
+
+  // Output pixels [ow0, ow1) of one row, any kernel size; taps outside the input are skipped.
+  BSCONV_TARGET static void dw_row_generic(const Geometry& g, const Operands<float>& o, const float* const* rows,
+                                           int64_t n, int64_t oh, int64_t c0, int64_t cg, int64_t ow0,
+                                           int64_t ow1) {
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
       int64_t kw_lo, kw_hi;
       valid_taps(g, ow, &kw_lo, &kw_hi);
       const int64_t iw0 = ow * g.sw - g.pw;
@@ -126,6 +135,43 @@ struct Kernels {
           }
         }
         store_act(yp + cc, acc, g.Cout - cc, g.out_act);
+      }
+    }
+  }
+
+  // KH x KW known at compile time: per channel vector the taps' weights stay in registers
+  // while the row's interior pixels (all taps inside the input) stream by; the border
+  // pixels take the generic path.
+  template <int KH, int KW>
+  BSCONV_TARGET static void dw_row_fixed(const Geometry& g, const Operands<float>& o, const float* const* rows,
+                                         int64_t n, int64_t oh, int64_t c0, int64_t cg) {
+    // interior: ow * sw - pw >= 0 and ow * sw - pw + (KW - 1) * dw <= W - 1
+    const int64_t lo = std::min(g.OW, ceil_div(g.pw, g.sw));
+    const int64_t last = g.W - 1 - (KW - 1) * g.dw + g.pw;
+    const int64_t hi = last < 0 ? lo : std::max(lo, std::min(g.OW, last / g.sw + 1));
+    dw_row_generic(g, o, rows, n, oh, c0, cg, 0, lo);
+    dw_row_generic(g, o, rows, n, oh, c0, cg, hi, g.OW);
+    if (lo >= hi) return;
+    bool present[KH];
+    for (int kh = 0; kh < KH; ++kh) present[kh] = rows[kh] != nullptr;
+    float* ybase = o.y + ((n * g.OH + oh) * g.OW) * g.Cout;
+    for (int64_t c = 0; c < cg; c += kLanes) {
+      const int64_t cc = c0 + c;
+      if (cc >= g.Cout) break;
+      VReg w[KH * KW];
+      for (int t = 0; t < KH * KW; ++t) w[t] = vload(o.dw + t * g.Cp + cc);
+      const VReg bias = vload(o.b2 + cc);
+      const int64_t step = g.sw * cg;
+      const float* src[KH];
+      for (int kh = 0; kh < KH; ++kh) src[kh] = present[kh] ? rows[kh] + ((lo * g.sw - g.pw) * cg + c) : nullptr;
+      for (int64_t ow = lo; ow < hi; ++ow) {
+        VReg acc = bias;
+        for (int kh = 0; kh < KH; ++kh) {
+          if (!present[kh]) continue;
+          for (int kw = 0; kw < KW; ++kw) acc = vfma(vload(src[kh] + kw * g.dw * cg), w[kh * KW + kw], acc);
+          src[kh] += step;
+        }
+        store_act(ybase + ow * g.Cout + cc, acc, g.Cout - cc, g.out_act);
       }
     }
   }
