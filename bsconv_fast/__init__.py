@@ -9,11 +9,12 @@ from bsconv_fast.dispatch import choose
 from bsconv_fast.explain import explain
 from bsconv_fast.functional import bsconv_s, bsconv_u, pw_dw
 from bsconv_fast.modules import BSConvS, BSConvU
+from bsconv_fast.optimize import FusedPwDw, optimize
 from bsconv_fast.patching import patch, unpatch
 from bsconv_fast.profile import profile
 from bsconv_fast.reference import ACTIVATIONS
 
 __version__ = "0.1.0"
 
-__all__ = ["BSConvU", "BSConvS", "bsconv_u", "bsconv_s", "pw_dw", "patch", "unpatch", "explain", "profile",
+__all__ = ["BSConvU", "BSConvS", "bsconv_u", "bsconv_s", "pw_dw", "patch", "unpatch", "optimize", "FusedPwDw", "explain", "profile",
            "reference", "choose", "ACTIVATIONS"]

@@ -25,10 +25,12 @@ from bsconv_fast.modules import BSConvU
 
 SUITES = {
     "default": "BSConv-U layers of mobilenetv1_w1_bsconvu and resnet18_bsconvu (224), batch as given, "
-               "plus the whole cifar_mobilenetv1_w1_bsconvu",
-    "cpu-layers": "the same layers at batch 1 and 8",
-    "models": "whole official models: cifar_mobilenetv1_w1_bsconvu, mobilenetv1_w1_bsconvu, resnet18_bsconvu",
+               "plus the whole cifar_mobilenetv1_w1_bsconvu (optimize()d)",
+    "cpu-layers": "the same layers at batch 1 and 8, with percent of the measured GEMM peak",
+    "cpu-models": "whole official models, bsconv_fast.optimize() vs eager and ONNX Runtime (CPU, same threads)",
 }
+MODELS = ("cifar_mobilenetv1_w1_bsconvu", "mobilenetv1_w1_bsconvu", "resnet18_bsconvu",
+          "mobilenetv3_large_w1_bsconvs_p1d6", "mobilenetv2_w1_bsconvs_p1d6")
 LAYER_MODELS = ("mobilenetv1_w1_bsconvu", "resnet18_bsconvu")
 
 
@@ -91,17 +93,21 @@ def build_layer(key):
     return ref
 
 
-def time_interleaved(fns, reps, warmup):
-    """Median seconds per call of each fn; one call of each per round, so drift hits all alike."""
+def time_interleaved(fns, reps, warmup, block=5):
+    """Median seconds per call of each fn. Contenders take turns in blocks of `block` calls, so
+    drift hits all alike while one runtime's idle-spinning thread pool (OpenMP, ONNX Runtime)
+    does not land inside another's timed call; the first call of each block is not timed."""
     for _ in range(warmup):
         for f in fns:
             f()
     times = [[] for _ in fns]
-    for _ in range(reps):
+    while len(times[0]) < reps:
         for i, f in enumerate(fns):
-            t0 = time.perf_counter()
             f()
-            times[i].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -112,23 +118,46 @@ def eager_peers(ref, x):
     return {"eager-cl": lambda: converted(xc), "eager-clx": lambda: ref(xc)}
 
 
-def bench_case(label, ref, fused, x, reps, warmup, prof_input):
-    peers = eager_peers(ref, x)
+def ort_peer(ref, x):
+    """ONNX Runtime (CPU provider, this process's thread count) on the unpatched model, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(prefix="bsconv_fast_bench_"), "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ref, (x,), path, dynamo=False, opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not steal the cores
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None):
+    peers = {**eager_peers(ref, x), **(extra_peers or {})}
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         want = ref(x).double()
         got = fused(xc)
         err = (got.double() - want).abs().max().item()
+        rel = ((got.double() - want).norm() / want.norm()).item()
         times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup)
-    report = bsconv_fast.profile(fused, prof_input)
+    report = bsconv_fast.profile(ref, prof_input)  # paper-convention counts of the model as published
     backends = bsconv_fast.explain(fused, xc).backends()
     backend = ",".join(sorted(set(backends.values()))) or "-"
-    row = {"case": label, "backend": backend, "err_max_abs": err, "params": report.total_params,
+    row = {"case": label, "backend": backend, "err_max_abs": err, "err_rel": rel, "params": report.total_params,
            "flops": report.total_flops, "macs": report.total_macs, "min_bytes": report.total_min_bytes}
     for (name, _), t in zip(peers.items(), times):
         row[name + "_ms"] = t * 1e3
     row["fused_ms"] = times[-1] * 1e3
-    row["speedup"] = min(times[:-1]) / times[-1]
+    row["speedup"] = min(t for (name, _), t in zip(peers.items(), times) if name.startswith("eager")) / times[-1]
+    if "ort" in peers:
+        row["vs_ort"] = row["ort_ms"] / row["fused_ms"]
     row["fused_gflops"] = 2 * report.total_macs / times[-1] / 1e9
     return row
 
@@ -147,29 +176,53 @@ def run_layers(batches, reps, warmup):
     return rows
 
 
-def run_models(names, batch, reps, warmup):
+def randomize_bn(model):
+    """Non-trivial BatchNorm statistics, so that folding them is really exercised."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def run_models(names, batch, reps, warmup, with_ort):
     B = official()
     rows = []
     for name in names:
         torch.manual_seed(0)
         ref = B.get_model(name, num_classes=1000 if not name.startswith("cifar") else 10).eval()
+        randomize_bn(ref)
         size = 32 if name.startswith("cifar") else 224
-        fused = bsconv_fast.patch(__import__("copy").deepcopy(ref))
+        fused = bsconv_fast.optimize(ref)
         x = torch.randn(batch, 3, size, size)
-        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size)))
+        extra = {"ort": ort_peer(ref, x)} if with_ort else {}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra))
         print(format_row(rows[-1]), flush=True)
     return rows
 
 
-COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "fused_ms", "speedup", "fused_gflops", "params",
-           "flops", "err_max_abs")
+def gemm_peak_gflops(reps=20):
+    """Measured float32 GEMM rate, the better of MKL sgemm (torch.mm) and oneDNN's 1x1 convolution."""
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    x, w = torch.randn(1, 1024, 32, 64).contiguous(memory_format=torch.channels_last), torch.randn(1024, 1024, 1, 1)
+    with torch.inference_mode():
+        t_mm, t_conv = time_interleaved([lambda: a @ b, lambda: torch.nn.functional.conv2d(x, w)], reps, 3)
+    flops = 2 * 2048 * 1024 * 1024
+    return {"sgemm_gflops": flops / t_mm / 1e9, "onednn_1x1_gflops": flops / t_conv / 1e9,
+            "peak_gflops": max(flops / t_mm, flops / t_conv) / 1e9}
+
+
+COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "ort_ms", "fused_ms", "speedup", "vs_ort",
+           "fused_gflops", "peak_pct", "params", "flops", "err_max_abs", "err_rel")
 
 
 def format_row(row):
     out = []
     for c in COLUMNS:
-        v = row[c]
-        if c == "err_max_abs":
+        v = row.get(c, "-")
+        if c.startswith("err_"):
             out.append(f"{v:.1e}")
         elif isinstance(v, float):
             out.append(f"{v:.3f}" if c.endswith("_ms") else f"{v:.2f}")
@@ -208,19 +261,33 @@ def main(argv=None):
     header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
               "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
-    print(f"# median of {args.reps} interleaved runs after {args.warmup} warm-up; speedup = min(eager) / fused")
+    print(f"# median of {args.reps} interleaved runs after {args.warmup} warm-up; speedup = min(eager) / fused; "
+          "vs_ort = ort / fused")
     print(" | ".join(COLUMNS))
+    summary = {}
     if args.suite == "default":
         rows = run_layers([args.batch], args.reps, args.warmup)
-        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup)
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, with_ort=False)
     elif args.suite == "cpu-layers":
+        summary.update(gemm_peak_gflops())
+        print(f"# measured GEMM peak {summary['peak_gflops']:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
+              f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
         rows = run_layers([1, 8], args.reps, args.warmup)
+        for r in rows:
+            r["peak_pct"] = 100 * r["fused_gflops"] / summary["peak_gflops"]
+        for batch in (1, 8):
+            sel = [r["speedup"] for r in rows if r["case"].endswith(f"b{batch}")]
+            summary[f"geomean_speedup_b{batch}"] = geomean(sel)
+            print(f"# batch {batch}: geometric-mean speedup {geomean(sel):.2f}x, slowest {min(sel):.2f}x")
     else:
-        names = args.only or ["cifar_mobilenetv1_w1_bsconvu", "mobilenetv1_w1_bsconvu", "resnet18_bsconvu"]
-        rows = run_models(names, args.batch, args.reps, args.warmup)
+        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, with_ort=True)
     speedups = [r["speedup"] for r in rows]
-    summary = {"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)}
-    print(f"# geometric-mean speedup {summary['geomean_speedup']:.2f}x, slowest case {summary['min_speedup']:.2f}x")
+    summary.update({"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)})
+    print(f"# geometric-mean speedup vs eager {summary['geomean_speedup']:.2f}x, "
+          f"slowest case {summary['min_speedup']:.2f}x")
+    if any("vs_ort" in r for r in rows):
+        summary["geomean_vs_ort"] = geomean(r["vs_ort"] for r in rows if "vs_ort" in r)
+        print(f"# geometric-mean speedup vs ONNX Runtime {summary['geomean_vs_ort']:.2f}x")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({**header, **summary, "rows": rows}, f, indent=1)

@@ -3,7 +3,6 @@ import copy
 
 import torch
 
-from bsconv_fast.modules import BSConvS, BSConvU
 from bsconv_fast.patching import _fused_class
 
 
@@ -33,7 +32,7 @@ def explain(model, example_input):
     def record(name, module):
         def hook(mod, args):
             x = args[0]
-            if isinstance(mod, (BSConvU, BSConvS)):
+            if hasattr(mod, "choice"):
                 backend, reason = mod.choice(x)
             else:
                 backend, reason = "reference", "not patched (call bsconv_fast.patch(model))"
@@ -42,7 +41,7 @@ def explain(model, example_input):
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (BSConvU, BSConvS)) or _fused_class(module) is not None:
+        if hasattr(module, "choice") or _fused_class(module) is not None:
             handles.append(module.register_forward_pre_hook(record(name, module)))
     try:
         with torch.no_grad():

@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 
 from bsconv_fast.modules import BSConvS, BSConvU
+from bsconv_fast.optimize import FusedPwDw
+
+FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
@@ -44,9 +47,23 @@ def _leaf_counts(module, x, y):
     return 0, 0
 
 
+def _optimized_counts(module, x, y):
+    """(paper flops, macs, params) of an optimize()d FusedPwDw layer (BN already folded in; the
+    weights are buffers there). Biases count one FLOP per element, activations as ReLU does."""
+    n, _, h, w = x.shape
+    mid_elems = n * module.pw_weight.shape[0] * h * w
+    macs = n * h * w * module.pw_weight.numel() + y[:, 0].numel() * module.dw_weight.numel()
+    flops = macs + (mid_elems if module.mid_bias is not None else 0) + (y.numel() if module.bias is not None else 0)
+    flops += (mid_elems if module.mid_act else 0) + (y.numel() if module.out_act else 0)
+    params = sum(t.numel() for t in (module.pw_weight, module.mid_bias, module.dw_weight, module.bias) if t is not None)
+    return flops, macs, params
+
+
 def _fused_counts(module, x, y):
     """(paper flops, macs, params) of the fused tail of a BSConv module: last 1x1, BN, depthwise.
     (BSConv-S's first 1x1 and BN run as ordinary child modules and are counted as leaves.)"""
+    if isinstance(module, FusedPwDw):
+        return _optimized_counts(module, x, y)
     pw, bn, dw = getattr(module, module._pw), getattr(module, module._bn, None), getattr(module, module._dw)
     n, _, h, w = x.shape
     mid_elems = n * pw.out_channels * h * w
@@ -88,7 +105,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
     def hook(name):
         def fn(module, args, out):
             x = args[0]
-            if isinstance(module, (BSConvU, BSConvS)):
+            if isinstance(module, FUSED):
                 x = _tail_input(module, x)
                 flops, macs, params = _fused_counts(module, x, out)
             else:
@@ -101,7 +118,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, (BSConvU, BSConvS)) or len(module._modules) == 0:
+        if isinstance(module, FUSED) or len(module._modules) == 0:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
@@ -113,7 +130,8 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
 
 
 def _tail_input(module, x):
-    """Shape-only stand-in for the input of the fused tail (BSConv-S: after its first 1x1)."""
-    if isinstance(module, BSConvS):
-        return x.new_empty((x.shape[0], module.pw1.out_channels) + tuple(x.shape[2:]))
+    """Shape-only stand-in for the input of the fused tail (after BSConv-S's first 1x1)."""
+    first = module.pw1 if isinstance(module, BSConvS) else getattr(module, "prefix", None)
+    if first is not None:
+        return x.new_empty((x.shape[0], first.out_channels) + tuple(x.shape[2:]))
     return x

@@ -46,7 +46,7 @@ def test_layer_configs_come_from_official_models():
 def test_json_output(tmp_path):
     pytest.importorskip("bsconv.pytorch")
     path = tmp_path / "r.json"
-    rc = bench.main(["--suite", "models", "--reps", "2", "--warmup", "1", "--json", str(path), "--only",
+    rc = bench.main(["--suite", "cpu-models", "--reps", "2", "--warmup", "1", "--json", str(path), "--only",
                      "cifar_mobilenetv1_w1d4_bsconvu"])
     assert rc == 0
     data = json.loads(path.read_text())

@@ -1,0 +1,104 @@
+"""optimize(): BN folding, activation epilogues and inverted-residual fusion, against the unfused
+float64 model; the original model stays untouched."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bsconv_fast
+from bsconv_fast.optimize import FusedPwDw, fuse_inverted_residual
+from helpers import assert_close_to_reference
+
+B = pytest.importorskip("bsconv.pytorch")
+common = pytest.importorskip("bsconv.pytorch.common")
+pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+# (model, fused pointwise->depthwise layers): BSConv-U + BN + ReLU (MobileNetV1, ResNet), BSConv-S with
+# BN inside (WRN), inverted residuals with ReLU6 (V2), ReLU/Hardswish and SE units (V3).
+MODELS = [("cifar_mobilenetv1_w1d4_bsconvu", 13), ("cifar_resnet20_bsconvu", 19), ("cifar_wrn16_1_bsconvs_p1d4", 13),
+          ("cifar_mobilenetv2_w1d4_bsconvs_p1d6", 17), ("cifar_mobilenetv3_small_w7d20_bsconvs_p1d6", 11),
+          ("cifar_mobilenetv3_large_w7d20_bsconvs_p1d6", 15)]
+
+
+@pytest.mark.parametrize("name,fused", MODELS)
+def test_optimized_official_model_matches(name, fused):
+    model = B.get_model(name, num_classes=10).eval()
+    _randomize_bn(model)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    fast = bsconv_fast.optimize(model)
+    assert fast.bsconv_fast_fused == fused
+    assert sum(isinstance(m, FusedPwDw) for m in fast.modules()) == fused
+    backends = set(bsconv_fast.explain(fast, x).backends().values())
+    assert backends == {f"cpu-fused ({bsconv_fast._ext.cpu_kernel_isa()})"}
+    with torch.inference_mode():
+        got = fast(x)
+        with torch.profiler.profile() as prof:
+            fast(x)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "bsconv_fast::pw_dw_packed")
+    assert calls == fused
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        eager = model(x)
+    # A deep fp32 network drifts from float64 by itself; the fused model may not drift much more.
+    rel = lambda out: ((out.double() - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(got) <= max(1e-5, 4 * rel(eager)), (rel(got), rel(eager))
+    assert not torch.isnan(got).any()
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def _block(cin, cout, k, stride, act, use_bn=True, groups=1):
+    blk = common.ConvBlock(cin, cout, k, stride, k // 2, groups=groups, use_bn=use_bn, activation=act)
+    _randomize_bn(blk)
+    return blk.eval()
+
+
+@pytest.mark.parametrize("act1", ["relu", "relu6", "hswish", "silu"])
+@pytest.mark.parametrize("act2", ["relu", "hswish"])
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+def test_inverted_residual_epilogues(act1, act2, k, stride):
+    # the official Swish calls F.sigmoid(inplace=True), which torch rejects: SiLU stands in for it
+    expand = _block(7, 19, 1, 1, "relu" if act1 == "silu" else act1)
+    if act1 == "silu":
+        expand.activation = nn.SiLU()
+    depthwise = _block(19, 19, k, stride, act2, groups=19)
+    fused = fuse_inverted_residual(expand, depthwise)
+    assert fused is not None
+    x = torch.randn(2, 7, 13, 11)
+    with torch.no_grad():
+        want = copy.deepcopy(depthwise).double()(copy.deepcopy(expand).double()(x.double()))
+        got = fused(x)
+    assert_close_to_reference(got, want, 7 + k * k, f"{act1}/{act2}")
+
+
+def test_unfusable_activation_is_left_alone():
+    expand = _block(4, 8, 1, 1, "relu")
+    expand.activation = nn.GELU()  # no GELU epilogue: must not be fused
+    depthwise = _block(8, 8, 3, 1, "relu", groups=8)
+    assert fuse_inverted_residual(expand, depthwise) is None
+
+
+def test_optimize_single_layer_and_double_dtype():
+    layer = bsconv_fast.BSConvS(9, 21, 3, padding=1, with_bn=True).eval()
+    _randomize_bn(layer)
+    fast = bsconv_fast.optimize(layer, channels_last=False)
+    assert isinstance(fast, FusedPwDw) and fast.prefix is not None
+    x = torch.randn(2, 9, 10, 10)
+    with torch.no_grad():
+        want = copy.deepcopy(layer).double()(x.double())
+        assert_close_to_reference(fast(x), want, 9 + 9, "bsconv_s fp32")
+        # folded in float32 by optimize(), so float64 execution keeps float32-level agreement
+        assert_close_to_reference(fast.double()(x.double()).float(), want, 9 + 9, "bsconv_s fp64")
+        assert fast(x.double()).dtype == torch.float64
