@@ -162,7 +162,7 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None)
     return row
 
 
-def run_layers(batches, reps, warmup):
+def run_layers(batches, reps, warmup, peak_gflops=None):
     rows = []
     for key, src in layer_configs():
         cin, cout, h, w, k, s = key[:6]
@@ -172,6 +172,8 @@ def run_layers(batches, reps, warmup):
             x = torch.randn(batch, cin, h, w)
             label = f"{cin}->{cout} @{h} k{k[0]} s{s[0]} b{batch}"
             rows.append(bench_case(label, ref, fused, x, reps, warmup, (batch, cin, h, w)))
+            if peak_gflops:
+                rows[-1]["peak_pct"] = 100 * rows[-1]["fused_gflops"] / peak_gflops
             print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -272,9 +274,7 @@ def main(argv=None):
         summary.update(gemm_peak_gflops())
         print(f"# measured GEMM peak {summary['peak_gflops']:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
               f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
-        rows = run_layers([1, 8], args.reps, args.warmup)
-        for r in rows:
-            r["peak_pct"] = 100 * r["fused_gflops"] / summary["peak_gflops"]
+        rows = run_layers([1, 8], args.reps, args.warmup, summary["peak_gflops"])
         for batch in (1, 8):
             sel = [r["speedup"] for r in rows if r["case"].endswith(f"b{batch}")]
             summary[f"geomean_speedup_b{batch}"] = geomean(sel)
