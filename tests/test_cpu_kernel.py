@@ -134,3 +134,12 @@ def test_packed_op_matches_unpacked_and_validates():
         torch.ops.bsconv_fast.pw_dw_packed(x, packed, 32, [3, 5], *args)
     with pytest.raises(RuntimeError, match="dtype of x"):
         torch.ops.bsconv_fast.pw_dw_packed(x.double(), packed, 33, [3, 5], *args)
+
+
+def test_large_output_streaming_stores():
+    """Outputs beyond the last-level cache are written with non-temporal stores (> 24 MiB here)."""
+    x, pw, dw, mb, b = random_problem(8, 16, 64, 113, 111, 3, mid_bias=True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = bsconv_fast.pw_dw(x, pw, dw, mb, b, 1, 1, 1, 2, 1)
+    assert out.numel() * 4 > 24 << 20
+    assert_close_to_reference(out, ref64(x, pw, dw, mb, b, (1, 1), (1, 1), (1, 1), 2, 1), 16 + 9, "streaming")

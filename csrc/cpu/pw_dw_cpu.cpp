@@ -55,6 +55,7 @@ struct Geometry {
   int64_t N, H, W, Cin, Cout, Cp;
   int64_t KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
   int64_t mid_act, out_act;
+  bool stream_out;  // write the output with non-temporal stores (see make_geometry)
 };
 
 template <typename T>
@@ -132,6 +133,7 @@ constexpr int64_t kLanes = 8;
 constexpr int kMR = 6;
 BSCONV_TARGET inline VReg vload(const float* p) { return _mm256_loadu_ps(p); }
 BSCONV_TARGET inline void vstore(float* p, VReg v) { _mm256_storeu_ps(p, v); }
+BSCONV_TARGET inline void vstream(float* p, VReg v) { _mm256_stream_ps(p, v); }
 BSCONV_TARGET inline VReg vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 BSCONV_TARGET inline VReg vfma(VReg a, VReg b, VReg c) { return _mm256_fmadd_ps(a, b, c); }
 BSCONV_TARGET inline VReg vset1(float v) { return _mm256_set1_ps(v); }
@@ -155,6 +157,7 @@ constexpr int64_t kLanes = 16;
 constexpr int kMR = 8;  // measured: 8 beats 6, 10 and 12 (12 spills address registers)
 BSCONV_TARGET inline VReg vload(const float* p) { return _mm512_loadu_ps(p); }
 BSCONV_TARGET inline void vstore(float* p, VReg v) { _mm512_storeu_ps(p, v); }
+BSCONV_TARGET inline void vstream(float* p, VReg v) { _mm512_stream_ps(p, v); }
 BSCONV_TARGET inline VReg vbcast(const float* p) { return _mm512_set1_ps(*p); }
 BSCONV_TARGET inline VReg vfma(VReg a, VReg b, VReg c) { return _mm512_fmadd_ps(a, b, c); }
 BSCONV_TARGET inline VReg vset1(float v) { return _mm512_set1_ps(v); }
@@ -249,6 +252,7 @@ void run(const Geometry& g, const Operands<T>& o) {
       const int64_t oh1 = std::min(g.OH, oh0 + rows_per_band);
       if (oh0 < oh1) run_item<T, K>(g, o, n, c0, cg, oh0, oh1);
     }
+    if (g.stream_out) _mm_sfence();  // order this thread's streaming stores before returning
   });
 }
 
@@ -386,6 +390,12 @@ Geometry make_geometry(const at::Tensor& x, int64_t Cout, at::IntArrayRef kernel
   g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   g.mid_act = mid_act;
   g.out_act = out_act;
+  // An output larger than the last-level cache would be evicted before the next layer reads it:
+  // non-temporal stores skip the read-for-ownership of every line. They need whole, aligned
+  // vectors per pixel (Cout a multiple of 16 floats; at::empty aligns the base to 64 bytes).
+  constexpr int64_t kStreamBytes = 24 << 20;
+  g.stream_out = Cout % 16 == 0 && g.N * Cout * g.OH * g.OW * x.element_size() > kStreamBytes &&
+                 x.scalar_type() == at::kFloat && g.mid_act != kSilu && g.out_act != kSilu;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::pw_dw: input ", g.H, "x", g.W, " is too small for kernel ",
               g.KH, "x", g.KW, " with this padding and dilation");
   return g;

@@ -20,9 +20,13 @@ BSCONV_TARGET inline VReg vact(VReg v, int64_t act) {
 }
 
 // Store the first n (<= kLanes) lanes of act(v).
-BSCONV_TARGET inline void store_act(float* dst, VReg v, int64_t n, int64_t act) {
+BSCONV_TARGET inline void store_act(float* dst, VReg v, int64_t n, int64_t act, bool stream = false) {
   if (n <= 0) return;
   v = vact(v, act);
+  if (stream) {  // whole aligned vectors only (Geometry::stream_out); SiLU never streams
+    vstream(dst, v);
+    return;
+  }
   if (n >= kLanes) {
     vstore(dst, v);
   } else {
@@ -134,7 +138,7 @@ struct Kernels {
             acc = vfma(vload(row + (iw0 + kw * g.dw) * cg + c), vload(wk + kw * g.Cp), acc);
           }
         }
-        store_act(yp + cc, acc, g.Cout - cc, g.out_act);
+        store_act(yp + cc, acc, g.Cout - cc, g.out_act, g.stream_out);
       }
     }
   }
@@ -171,7 +175,7 @@ struct Kernels {
           for (int kw = 0; kw < KW; ++kw) acc = vfma(vload(src[kh] + kw * g.dw * cg), w[kh * KW + kw], acc);
           src[kh] += step;
         }
-        store_act(ybase + ow * g.Cout + cc, acc, g.Cout - cc, g.out_act);
+        store_act(ybase + ow * g.Cout + cc, acc, g.Cout - cc, g.out_act, g.stream_out);
       }
     }
   }
