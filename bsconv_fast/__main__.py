@@ -1,5 +1,10 @@
 """python -m bsconv_fast bench [...]"""
+import os
 import sys
+
+# numpy's bundled OpenBLAS starts a spinning thread pool that neither contender uses; on a
+# 2-core machine it steals cycles from both. Set before torch (and so numpy) is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv=None):

@@ -42,7 +42,8 @@ def machine_line():
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"kernel {bsconv_fast._ext.cpu_kernel_isa()}, python {platform.python_version()}")
+            f"kernel {bsconv_fast._ext.cpu_kernel_isa()}, python {platform.python_version()}, "
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
 
 
 def git_commit():

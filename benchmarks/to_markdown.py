@@ -1,0 +1,46 @@
+"""Render benchmark JSON files (python -m bsconv_fast bench --json ...) as one markdown report.
+
+usage: python benchmarks/to_markdown.py OUT.md IN.json [IN.json ...]
+"""
+import json
+import sys
+
+COLUMNS = [("case", "case"), ("backend", "backend"), ("eager-cl_ms", "eager-cl ms"), ("eager-clx_ms", "eager-clx ms"),
+           ("ort_ms", "ORT ms"), ("fused_ms", "fused ms"), ("speedup", "vs eager"), ("vs_ort", "vs ORT"),
+           ("fused_gflops", "GFLOP/s"), ("peak_pct", "% peak"), ("err_max_abs", "max abs err")]
+
+
+def cell(key, value):
+    if value is None:
+        return "-"
+    if key == "err_max_abs":
+        return f"{value:.1e}"
+    if isinstance(value, float):
+        return f"{value:.3f}" if key.endswith("_ms") else f"{value:.2f}"
+    return str(value)
+
+
+def render(data):
+    keys = [(k, h) for k, h in COLUMNS if any(k in r for r in data["rows"])]
+    lines = [f"## suite `{data['suite']}` — {data['threads']} thread(s)", "",
+             f"{data['machine']}; commit {data['commit']}; {data['date']}; median of {data['reps']} runs", ""]
+    summary = {k: v for k, v in data.items() if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps")}
+    lines.append("summary: " + ", ".join(f"{k} = {v:.2f}" for k, v in summary.items()))
+    lines += ["", "| " + " | ".join(h for _, h in keys) + " |", "|" + "---|" * len(keys)]
+    for r in data["rows"]:
+        lines.append("| " + " | ".join(cell(k, r.get(k)) for k, _ in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    out, inputs = argv[0], argv[1:]
+    parts = ["# bsconv_fast CPU benchmark results", ""]
+    for path in inputs:
+        with open(path) as f:
+            parts.append(render(json.load(f)))
+    with open(out, "w") as f:
+        f.write("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
