@@ -36,7 +36,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "bsconv==0.4.0", "numpy"],
+        "test": ["pytest>=7", "bsconv==0.4.0", "numpy", "triton>=3.0"],
         "bench": ["bsconv==0.4.0", "onnx", "onnxruntime", "onnxscript"],
         "triton": ["triton>=3.0"],
     },

@@ -1,6 +1,7 @@
 """Backend choice. Each backend says whether it supports a problem and, if not, why; the first
 that fits runs. `explain` and the one-time fallback warnings are built on the same answers."""
 import dataclasses
+import importlib.util
 import warnings
 
 import torch
@@ -46,13 +47,25 @@ class CpuFused(Backend):
         return None
 
 
-class GpuFused(Backend):
-    name = "gpu-fused"
+class TritonFused(Backend):
+    name = "gpu-fused (triton)"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    max_kernel = 7  # the haloed tile grows with the kernel; larger ones are left to the reference
 
     def why_not(self, p):
         if p.device_type != "cuda":
             return "input is not on a CUDA device"
-        return "no fused GPU kernel in this build yet"
+        if not _ext.available():
+            return f"C++ extension not loaded ({_ext.LOAD_ERROR})"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if p.dtype not in self.dtypes:
+            return f"dtype {p.dtype} (Triton kernel: float32, float16, bfloat16)"
+        if max(p.kernel) > self.max_kernel:
+            return f"kernel {p.kernel} larger than {self.max_kernel}x{self.max_kernel} (Triton kernel)"
+        if p.padding_mode != "zeros":
+            return f"padding_mode={p.padding_mode!r} (fused kernels pad with zeros only)"
+        return None
 
 
 class Reference(Backend):
@@ -62,7 +75,7 @@ class Reference(Backend):
         return None
 
 
-BACKENDS = [CpuFused(), GpuFused(), Reference()]
+BACKENDS = [CpuFused(), TritonFused(), Reference()]
 
 
 @dataclasses.dataclass

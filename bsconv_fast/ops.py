@@ -91,6 +91,12 @@ if _ext.available():
 
     torch.library.register_autograd("bsconv_fast::pw_dw", _backward, setup_context=_setup_context)
 
+    @torch.library.register_kernel("bsconv_fast::pw_dw", "cuda")
+    def _pw_dw_cuda(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
+        # Imported on first use: triton is optional and slow to import.
+        from bsconv_fast.triton.pw_dw import pw_dw_triton
+        return pw_dw_triton(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act)
+
 
 def pw_dw(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
     """The fused op as registered (CPU: C++ kernel; CUDA: the registered GPU kernel)."""

@@ -7,6 +7,11 @@ os.environ.setdefault("BSCONV_FAST_POISON", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. It must be set
+# before triton.jit decorates them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
