@@ -67,3 +67,18 @@ def test_cpp_op_validates_too():
         torch.ops.bsconv_fast.pw_dw(x, pw, torch.randn(3, 1, 3, 3), None, b, [1, 1], [0, 0], [1, 1], 0, 0)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         torch.ops.bsconv_fast.pw_dw(x.half(), pw.half(), dw.half(), None, b.half(), [1, 1], [0, 0], [1, 1], 0, 0)
+
+
+def test_missing_extension_falls_back_to_reference_with_reason(monkeypatch):
+    """A failed build must not crash: the reference runs, explain and a warning say why."""
+    from bsconv_fast import _ext, dispatch
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    layer = bsconv_fast.BSConvU(5, 7, 3, padding=1).eval()
+    x = torch.randn(1, 5, 8, 8)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ extension not loaded"):
+        out = layer(x)
+    report = bsconv_fast.explain(layer, x)
+    assert report[0]["backend"] == "reference" and "simulated" in report[0]["reason"]
+    assert torch.allclose(out, bsconv_fast.reference.bsconv_u(x, layer.pw.weight, layer.dw.weight, layer.dw.bias, 1, 1))
