@@ -23,6 +23,7 @@ def extensions():
         return [CppExtension("bsconv_fast._C", sources, extra_compile_args={"cxx": cxx},
                              extra_link_args=["-fopenmp"])]
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # A100 and H100/H200 unless told otherwise
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
     return [CUDAExtension("bsconv_fast._C", sources, define_macros=[("BSCONV_FAST_WITH_CUDA", None)],
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]

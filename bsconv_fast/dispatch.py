@@ -2,6 +2,7 @@
 that fits runs. `explain` and the one-time fallback warnings are built on the same answers."""
 import dataclasses
 import importlib.util
+import os
 import warnings
 
 import torch
@@ -47,25 +48,60 @@ class CpuFused(Backend):
         return None
 
 
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GPU_MAX_KERNEL = 7  # the haloed tile grows with the kernel; larger ones are left to the reference
+
+
+def _gpu_limits(p, kernel_name):
+    """Reason a GPU kernel cannot run `p` (dtype, kernel size, padding mode), or None."""
+    if p.dtype not in GPU_DTYPES:
+        return f"dtype {p.dtype} ({kernel_name}: float32, float16, bfloat16)"
+    if max(p.kernel) > GPU_MAX_KERNEL:
+        return f"kernel {p.kernel} larger than {GPU_MAX_KERNEL}x{GPU_MAX_KERNEL} ({kernel_name})"
+    if p.padding_mode != "zeros":
+        return f"padding_mode={p.padding_mode!r} (fused kernels pad with zeros only)"
+    return None
+
+
+def _gpu_common(p):
+    if p.device_type != "cuda":
+        return "input is not on a CUDA device"
+    if not _ext.available():
+        return f"C++ extension not loaded ({_ext.LOAD_ERROR})"
+    return None
+
+
 class TritonFused(Backend):
     name = "gpu-fused (triton)"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    max_kernel = 7  # the haloed tile grows with the kernel; larger ones are left to the reference
 
     def why_not(self, p):
-        if p.device_type != "cuda":
-            return "input is not on a CUDA device"
-        if not _ext.available():
-            return f"C++ extension not loaded ({_ext.LOAD_ERROR})"
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
-        if p.dtype not in self.dtypes:
-            return f"dtype {p.dtype} (Triton kernel: float32, float16, bfloat16)"
-        if max(p.kernel) > self.max_kernel:
-            return f"kernel {p.kernel} larger than {self.max_kernel}x{self.max_kernel} (Triton kernel)"
-        if p.padding_mode != "zeros":
-            return f"padding_mode={p.padding_mode!r} (fused kernels pad with zeros only)"
-        return None
+        reason = _gpu_common(p)
+        if reason is None and importlib.util.find_spec("triton") is None:
+            reason = "triton is not installed (pip install triton)"
+        return reason or _gpu_limits(p, "Triton kernel")
+
+
+def cuda_kernel_built():
+    """True when the extension was built with the hand-written CUDA kernel (bsconv_fast::pw_dw_cuda)."""
+    return _ext.available() and torch._C._dispatch_has_kernel_for_dispatch_key("bsconv_fast::pw_dw_cuda", "CUDA")
+
+
+class CudaFused(Backend):
+    name = "gpu-fused (cuda)"
+
+    def why_not(self, p):
+        reason = _gpu_common(p)
+        if reason is None and not cuda_kernel_built():
+            reason = "extension built without CUDA sources"
+        return reason or _gpu_limits(p, "CUDA kernel")
+
+
+def gpu_backends():
+    """GPU backends in preference order. Triton leads until a table measured on a GPU says where
+    the CUDA kernel wins; BSCONV_FAST_GPU_KERNEL=cuda puts the CUDA kernel first."""
+    if os.environ.get("BSCONV_FAST_GPU_KERNEL") == "cuda":
+        return [CudaFused(), TritonFused()]
+    return [TritonFused(), CudaFused()]
 
 
 class Reference(Backend):
@@ -75,7 +111,8 @@ class Reference(Backend):
         return None
 
 
-BACKENDS = [CpuFused(), TritonFused(), Reference()]
+def backends():
+    return [CpuFused(), *gpu_backends(), Reference()]
 
 
 @dataclasses.dataclass
@@ -94,7 +131,7 @@ class Choice:
 
 def choose(problem):
     rejected = {}
-    for backend in BACKENDS:
+    for backend in backends():
         reason = backend.why_not(problem)
         if reason is None:
             return Choice(backend, rejected)

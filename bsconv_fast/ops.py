@@ -93,9 +93,13 @@ if _ext.available():
 
     @torch.library.register_kernel("bsconv_fast::pw_dw", "cuda")
     def _pw_dw_cuda(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
+        from bsconv_fast import dispatch  # the same choice explain() reports
+        args = (x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act)
+        if dispatch.gpu_backends()[0].name == "gpu-fused (cuda)" and dispatch.cuda_kernel_built():
+            return torch.ops.bsconv_fast.pw_dw_cuda(*args)
         # Imported on first use: triton is optional and slow to import.
         from bsconv_fast.triton.pw_dw import pw_dw_triton
-        return pw_dw_triton(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act)
+        return pw_dw_triton(*args)
 
 
 def pw_dw(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):

@@ -30,6 +30,11 @@ TORCH_LIBRARY(bsconv_fast, m) {
   m.def(
       "pw_dw(Tensor x, Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
+  // The hand-written CUDA kernel (csrc/cuda/), same arguments as pw_dw; implemented only in CUDA
+  // builds. On CUDA, pw_dw runs the Triton kernel or this one (bsconv_fast/dispatch.py).
+  m.def(
+      "pw_dw_cuda(Tensor x, Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
   // Inference without autograd: weights (and biases) packed once in the backend's layout by
   // `pack`, then reused by `pw_dw_packed` on every call. The CPU layout is documented in
   // csrc/cpu/pw_dw_cpu.cpp.
