@@ -28,6 +28,8 @@ SUITES = {
                "plus the whole cifar_mobilenetv1_w1_bsconvu (optimize()d)",
     "cpu-layers": "the same layers at batch 1 and 8, with percent of the measured GEMM peak",
     "cpu-models": "whole official models, bsconv_fast.optimize() vs eager and ONNX Runtime (CPU, same threads)",
+    "gpu-layers": "layer suite plus MobileNetV2 expand->depthwise blocks vs eager cuDNN, torch.compile max-autotune "
+                  "and the dense collapse; CUDA events, L2 flushed, CUDA graphs at batch 1 (use --device cuda)",
 }
 MODELS = ("cifar_mobilenetv1_w1_bsconvu", "mobilenetv1_w1_bsconvu", "resnet18_bsconvu",
           "mobilenetv3_large_w1_bsconvs_p1d6", "mobilenetv2_w1_bsconvs_p1d6")
@@ -247,10 +249,10 @@ def main(argv=None):
     parser.add_argument("--suite", choices=sorted(SUITES), default="default",
                         help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
     parser.add_argument("--batch", type=int, default=1, help="batch size (default suite and models)")
-    parser.add_argument("--dtype", choices=["float32"], default="float32",
-                        help="CPU kernels are float32 (float64 exists for testing, not for speed)")
-    parser.add_argument("--device", choices=["cpu"], default="cpu",
-                        help="cpu; GPU suites come with the GPU backends")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="gpu-layers: float32/float16/bfloat16; CPU suites: float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda for the gpu-layers suite")
+    parser.add_argument("--no-compile", action="store_true", help="gpu-layers: skip the torch.compile peer")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all)")
     parser.add_argument("--reps", type=int, default=50, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
@@ -268,6 +270,8 @@ def main(argv=None):
           "vs_ort = ort / fused")
     print(" | ".join(COLUMNS))
     summary = {}
+    if args.suite == "gpu-layers":
+        return run_gpu(args, header)
     if args.suite == "default":
         rows = run_layers([args.batch], args.reps, args.warmup)
         rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, with_ort=False)
@@ -289,6 +293,24 @@ def main(argv=None):
     if any("vs_ort" in r for r in rows):
         summary["geomean_vs_ort"] = geomean(r["vs_ort"] for r in rows if "vs_ort" in r)
         print(f"# geometric-mean speedup vs ONNX Runtime {summary['geomean_vs_ort']:.2f}x")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({**header, **summary, "rows": rows}, f, indent=1)
+    return 0
+
+
+def run_gpu(args, header):
+    from bsconv_fast import bench_gpu
+    dtype = getattr(torch, args.dtype)
+    rows, summary = bench_gpu.run_suite(args.device, dtype, args.batch, args.reps, compile_peer=not args.no_compile)
+    if args.device == "cuda":
+        header["machine"] = f"{torch.cuda.get_device_name()}, {header['machine']}"
+    cols = ["case", "backend", "eager_ms", "compile_ms", "dense_ms", "fused_ms", "vs_eager", "vs_compile", "vs_dense",
+            "roofline_pct", "err_rel"]
+    print(f"# {header['machine']}; {summary}")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({**header, **summary, "rows": rows}, f, indent=1)

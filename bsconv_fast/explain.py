@@ -25,7 +25,8 @@ def explain(model, example_input):
     BSConv but not patched are listed as reference with reason 'not patched'.
 
     It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched."""
-    model = copy.deepcopy(model)
+    with torch.inference_mode(False):  # a copy of ordinary tensors, also when called in inference mode
+        model = copy.deepcopy(model)
     report = Report()
     handles = []
 

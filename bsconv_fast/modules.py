@@ -2,6 +2,7 @@
 bsconv.pytorch.BSConvU / BSConvS (bsconv==0.4.0), so official checkpoints load with strict=True;
 forward runs the fused pointwise->depthwise op whenever a backend fits."""
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -33,9 +34,9 @@ class _FusedSequential(nn.Sequential):
 
     @classmethod
     def from_children(cls, children):
-        """Wrap existing child modules (weights shared, nothing copied)."""
+        """Wrap existing child modules (a name -> module mapping; weights shared, nothing copied)."""
         module = cls.__new__(cls)
-        nn.Sequential.__init__(module, children)
+        nn.Sequential.__init__(module, OrderedDict(children))
         return module
 
     def _prefix(self, x):
@@ -113,9 +114,11 @@ class _FusedSequential(nn.Sequential):
         """Weights packed for the CPU kernel, cached until a weight, bias or BN tensor changes
         (in-place updates bump the tensors' version counters; .to() changes their storage)."""
         tensors = self._tail_params()
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        # Inference tensors (made under inference_mode) carry no version counter, so an in-place
+        # update could not be seen: never serve them from the cache.
+        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version) for t in tensors)
         cached = self.__dict__.get("_bsconv_fast_packed")
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
                 weight, mid_bias = self._folded_weights()
                 dw = getattr(self, self._dw)

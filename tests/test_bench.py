@@ -52,3 +52,43 @@ def test_json_output(tmp_path):
     data = json.loads(path.read_text())
     assert data["rows"][0]["case"].startswith("cifar_mobilenetv1_w1d4_bsconvu")
     assert {"machine", "commit", "date", "threads"} <= data.keys()
+
+
+def test_gpu_suite_code_path_on_cpu_tiny_shapes():
+    """The GPU suite's measuring code (timer, peers, dense collapse, roofline) on CPU tensors."""
+    B = pytest.importorskip("bsconv.pytorch")
+    from bsconv_fast import bench_gpu
+    from bsconv_fast.optimize import fuse_inverted_residual
+    common = pytest.importorskip("bsconv.pytorch.common")
+    ref = B.BSConvU(6, 10, 3, padding=1).eval()
+    fused = bsconv_fast.BSConvU.from_children(__import__("copy").deepcopy(ref)._modules)
+
+    def dense(x):
+        return torch.nn.functional.conv2d(x, bench_gpu.dense_collapse(ref.pw.weight, ref.dw.weight), ref.dw.bias, 1, 1)
+
+    expand = common.ConvBlock(6, 12, 1, 1, 0, activation="relu6").eval()
+    dw = common.ConvBlock(12, 12, 3, 2, 1, groups=12, activation="relu6").eval()
+    cases = [("u", ref, fused, dense, (1, 6, 9, 9)),
+             ("ir", torch.nn.Sequential(expand, dw).eval(), fuse_inverted_residual(expand, dw), None, (1, 6, 9, 9))]
+    rows, summary = bench_gpu.run_suite("cpu", torch.float32, 1, reps=2, compile_peer=False, cases=cases)
+    assert [r["case"] for r in rows] == ["u b1", "ir b1"]
+    for r in rows:
+        assert r["backend"].startswith("cpu-fused") and r["err_rel"] < 1e-5
+        assert r["fused_ms"] > 0 and r["roofline_pct"] > 0
+    assert "vs_dense" in rows[0] and "vs_dense" not in rows[1]
+    assert summary["bandwidth_gbs"] > 0 and summary["matmul_tflops"] > 0
+
+
+def test_dense_collapse_is_exact():
+    from bsconv_fast import bench_gpu
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    pw, dw = torch.randn(7, 5, 1, 1, dtype=torch.float64), torch.randn(7, 1, 3, 3, dtype=torch.float64)
+    want = bsconv_fast.reference.bsconv_u(x, pw, dw, None, 2, 1)
+    got = torch.nn.functional.conv2d(x, bench_gpu.dense_collapse(pw, dw), None, 2, 1)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_gpu_check_script_is_valid_bash():
+    import os
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0

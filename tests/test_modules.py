@@ -128,3 +128,16 @@ def test_grad_mode_uses_differentiable_op():
     assert y.grad_fn is not None
     y.sum().backward()
     assert layer.pw.weight.grad is not None and "_bsconv_fast_packed" not in layer.__dict__
+
+
+def test_modules_built_under_inference_mode_are_not_cached():
+    """Inference tensors have no version counter: their packed weights are never served stale."""
+    with torch.inference_mode():
+        layer = bsconv_fast.BSConvU(5, 7, 3, padding=1).eval()
+        x = torch.randn(1, 5, 6, 6)
+        first = layer(x)
+        layer.dw.weight.mul_(3.0)  # allowed on inference tensors, invisible to version counters
+        second = layer(x)
+        want = bsconv_fast.reference.bsconv_u(x, layer.pw.weight, layer.dw.weight, layer.dw.bias, 1, 1)
+        assert torch.allclose(second, want, atol=1e-5) and not torch.allclose(first, second)
+        assert bsconv_fast.explain(layer, x)[0]["backend"].startswith("cpu-fused")
