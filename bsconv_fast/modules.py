@@ -10,14 +10,17 @@ import torch.nn as nn
 from bsconv_fast import dispatch, functional
 
 
-def fold_bn(weight, bn):
-    """Fold an eval-mode BatchNorm that follows a 1x1 conv: returns (scaled weight, bias)."""
+def fold_bn(weight, bn, bias=None):
+    """Fold an eval-mode BatchNorm that follows a conv (any groups; `bias` is the conv's, if any):
+    returns the scaled weight and the bias that together replace conv + BN."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
+    if bias is not None:
+        shift = shift + bias * scale
     return weight * scale.view(-1, 1, 1, 1), shift
 
 
@@ -25,7 +28,46 @@ def bn_uses_batch_stats(bn):
     return bn.training or bn.running_mean is None
 
 
-class _FusedSequential(nn.Sequential):
+class PackedInference:
+    """CPU inference through bsconv_fast::pw_dw_packed, with the weights packed once.
+
+    Subclasses give `_problem(x)`, `_operands()` -> (pw_weight, dw_weight, mid_bias, bias) as the
+    kernel takes them, `_source_tensors()` (what those operands are computed from), `_acts` and
+    `_trainable()`. Plans are validated once per input signature; packed weights are cached until
+    a source tensor changes (in-place updates bump version counters; .to() changes the storage)."""
+
+    _acts = (0, 0)
+
+    def _inference_plan(self, x):
+        """Arguments of pw_dw_packed after the packed weights, or None when the packed CPU path does
+        not apply: autograd needs the differentiable op, compile traces the plain op, and only the
+        CPU backend has a packed layout."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._trainable())):
+            return None
+        key = (x.shape[1:], x.dtype, x.device)
+        plans = self.__dict__.setdefault("_bsconv_fast_plans", {})
+        if key not in plans:
+            problem = self._problem(x)
+            fused = dispatch.choose(problem).backend.name.startswith("cpu-fused")
+            out_channels = self._operands()[0].shape[0]
+            plans[key] = (out_channels, list(problem.kernel), list(problem.stride), list(problem.padding),
+                          list(problem.dilation), *self._acts) if fused else None
+        return plans[key]
+
+    def _packed_weights(self):
+        tensors = self._source_tensors()
+        # Inference tensors (made under inference_mode) carry no version counter, so an in-place
+        # update could not be seen: never serve them from the cache.
+        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_bsconv_fast_packed")
+        if key is None or cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.ops.bsconv_fast.pack(*self._operands()))
+            self.__dict__["_bsconv_fast_packed"] = cached
+        return cached[1]
+
+
+class _FusedSequential(PackedInference, nn.Sequential):
     """Shared forward: children up to the last 1x1 run as they are; the last 1x1 (+ BN) and the
     depthwise conv run fused."""
 
@@ -87,44 +129,17 @@ class _FusedSequential(nn.Sequential):
         bn = self._stage_bn()
         return fold_bn(weight, bn) if bn is not None else (weight, None)
 
-    def _inference_plan(self, x):
-        """Arguments of pw_dw_packed after the packed weights, or None when the packed CPU path does
-        not apply: autograd needs the differentiable op, compile traces the plain op, and only the
-        CPU backend has a packed layout. Validated once per input signature."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._trainable())):
-            return None
-        key = (x.shape[1:], x.dtype, x.device)
-        plans = self.__dict__.setdefault("_bsconv_fast_plans", {})
-        if key not in plans:
-            problem = self._problem(x)
-            fused = dispatch.choose(problem).backend.name.startswith("cpu-fused")
-            dw = getattr(self, self._dw)
-            plans[key] = (dw.out_channels, list(problem.kernel), list(problem.stride), list(problem.padding),
-                          list(problem.dilation), 0, 0) if fused else None
-        return plans[key]
-
     def _trainable(self):
-        return any(p.requires_grad for p in self._tail_params())
+        return any(p.requires_grad for p in self._source_tensors())
 
-    def _tail_params(self):
+    def _source_tensors(self):
         mods = [getattr(self, self._pw), self._stage_bn(), getattr(self, self._dw)]
         return [t for m in mods if m is not None for t in list(m.parameters()) + list(m.buffers())]
 
-    def _packed_weights(self):
-        """Weights packed for the CPU kernel, cached until a weight, bias or BN tensor changes
-        (in-place updates bump the tensors' version counters; .to() changes their storage)."""
-        tensors = self._tail_params()
-        # Inference tensors (made under inference_mode) carry no version counter, so an in-place
-        # update could not be seen: never serve them from the cache.
-        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version) for t in tensors)
-        cached = self.__dict__.get("_bsconv_fast_packed")
-        if key is None or cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight, mid_bias = self._folded_weights()
-                dw = getattr(self, self._dw)
-                cached = (key, torch.ops.bsconv_fast.pack(weight, dw.weight, mid_bias, dw.bias))
-            self.__dict__["_bsconv_fast_packed"] = cached
-        return cached[1]
+    def _operands(self):
+        weight, mid_bias = self._folded_weights()
+        dw = getattr(self, self._dw)
+        return weight, dw.weight, mid_bias, dw.bias
 
     def _unfused_tail(self, x):
         names = [self._pw, self._bn, self._dw]

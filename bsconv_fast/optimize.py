@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from bsconv_fast import dispatch, functional, reference
-from bsconv_fast.modules import BSConvS, BSConvU, bn_uses_batch_stats, fold_bn
+from bsconv_fast.modules import BSConvS, BSConvU, PackedInference, bn_uses_batch_stats, fold_bn
 from bsconv_fast.patching import patch
 
 _ACT_CODES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
@@ -32,20 +32,7 @@ def activation_code(module):
     return reference.ACTIVATIONS[name] if name else -1
 
 
-def fold_bn_after(weight, bias, bn):
-    """Fold an eval-mode BN that follows a conv (any groups): returns (weight, bias)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    if bias is not None:
-        shift = shift + bias * scale
-    return weight * scale.view(-1, 1, 1, 1), shift
-
-
-class FusedPwDw(nn.Module):
+class FusedPwDw(PackedInference, nn.Module):
     """Inference layer act2(dw(act1(pw(x) + mid_bias)) + bias) with folded, frozen weights.
 
     `prefix` is an optional module run first (BSConv-S's first 1x1, its BN folded in)."""
@@ -58,7 +45,19 @@ class FusedPwDw(nn.Module):
             self.register_buffer(name, None if t is None else t.detach().clone())
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.mid_act, self.out_act = mid_act, out_act
-        self._packed = None
+
+    @property
+    def _acts(self):
+        return (self.mid_act, self.out_act)
+
+    def _operands(self):
+        return self.pw_weight, self.dw_weight, self.mid_bias, self.bias
+
+    def _source_tensors(self):
+        return [t for t in self._operands() if t is not None]
+
+    def _trainable(self):
+        return False  # folded buffers; gradients can still flow to the input
 
     def extra_repr(self):
         acts = {v: k for k, v in reference.ACTIVATIONS.items()}
@@ -77,38 +76,14 @@ class FusedPwDw(nn.Module):
         chosen = dispatch.choose(self._problem(x))
         return chosen.backend.name, chosen.reason
 
-    def _apply(self, fn, *args, **kwargs):
-        self._packed = None  # .to() / .double(): pack again from the converted buffers
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, x):
         if self.prefix is not None:
             x = self.prefix(x)
-        if self._packed is not None and not torch.compiler.is_compiling() and self._packed[0] == (x.dtype, x.device):
-            return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed[1], *self._plan(x))
-        problem = self._problem(x)
-        backend = dispatch.choose(problem).backend.name
-        if backend.startswith("cpu-fused") and not torch.compiler.is_compiling():
-            packed = torch.ops.bsconv_fast.pack(self.pw_weight.to(x.dtype), self.dw_weight.to(x.dtype),
-                                                _cast(self.mid_bias, x.dtype), _cast(self.bias, x.dtype))
-            self._packed = ((x.dtype, x.device), packed)
-            return torch.ops.bsconv_fast.pw_dw_packed(x, packed, *self._plan(x))
+        plan = self._inference_plan(x)
+        if plan is not None:
+            return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed_weights(), *plan)
         return functional.pw_dw(x, self.pw_weight, self.dw_weight, self.mid_bias, self.bias, self.stride,
                                 self.padding, self.dilation, self.mid_act, self.out_act)
-
-    def _plan(self, x):
-        kernel = list(self.dw_weight.shape[2:])
-        padding = functional._normalize_padding(self.padding, tuple(kernel), _pair(self.dilation), _pair(self.stride))
-        return (self.pw_weight.shape[0], kernel, list(_pair(self.stride)), list(padding),
-                list(_pair(self.dilation)), self.mid_act, self.out_act)
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
 
 
 def _bn_ok(bn):
@@ -124,13 +99,13 @@ def fuse_bsconv(block, bn=None, act=None):
     weight, mid_bias = block._folded_weights()
     dw_weight, bias = block.dw.weight, block.dw.bias
     if bn is not None:
-        dw_weight, bias = fold_bn_after(dw_weight, bias, bn)
+        dw_weight, bias = fold_bn(dw_weight, bn, bias)
     prefix = None
     if isinstance(block, BSConvS):
         bn1 = getattr(block, "bn1", None)
         if not _bn_ok(bn1):
             return None
-        w1, b1 = fold_bn_after(block.pw1.weight, None, bn1) if bn1 is not None else (block.pw1.weight, None)
+        w1, b1 = fold_bn(block.pw1.weight, bn1) if bn1 is not None else (block.pw1.weight, None)
         prefix = nn.Conv2d(w1.shape[1], w1.shape[0], 1, bias=b1 is not None)
         prefix.weight.data.copy_(w1)
         if b1 is not None:
@@ -159,10 +134,10 @@ def fuse_inverted_residual(expand, depthwise):
         return None
     weight, mid_bias = pw.weight, pw.bias
     if bn1 is not None:
-        weight, mid_bias = fold_bn_after(weight, mid_bias, bn1)
+        weight, mid_bias = fold_bn(weight, bn1, mid_bias)
     dw_weight, bias = dw.weight, dw.bias
     if bn2 is not None:
-        dw_weight, bias = fold_bn_after(dw_weight, bias, bn2)
+        dw_weight, bias = fold_bn(dw_weight, bn2, bias)
     return FusedPwDw(weight, mid_bias, dw_weight, bias, dw.stride, dw.padding, dw.dilation, c1, c2)
 
 
@@ -171,7 +146,7 @@ def fold_conv_block(block):
     conv, bn, act = _block_parts(block)
     if type(conv) is not nn.Conv2d or not _bn_ok(bn) or bn is None:
         return None
-    weight, bias = fold_bn_after(conv.weight, conv.bias, bn)
+    weight, bias = fold_bn(conv.weight, bn, conv.bias)
     folded = copy.deepcopy(conv)
     folded.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     folded.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

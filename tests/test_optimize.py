@@ -102,3 +102,17 @@ def test_optimize_single_layer_and_double_dtype():
         # folded in float32 by optimize(), so float64 execution keeps float32-level agreement
         assert_close_to_reference(fast.double()(x.double()).float(), want, 9 + 9, "bsconv_s fp64")
         assert fast(x.double()).dtype == torch.float64
+
+
+def test_fused_layer_repacks_after_in_place_buffer_update():
+    layer = bsconv_fast.BSConvU(6, 10, 3, padding=1).eval()
+    fast = bsconv_fast.optimize(layer, channels_last=False)
+    x = torch.randn(1, 6, 7, 7)
+    with torch.inference_mode():
+        first = fast(x)
+    with torch.no_grad():
+        fast.dw_weight.mul_(-1.0)
+    with torch.inference_mode():
+        second = fast(x)
+    want = bsconv_fast.reference.pw_dw(x, fast.pw_weight, fast.dw_weight, None, fast.bias, 1, 1, 1)
+    assert torch.allclose(second, want, atol=1e-5) and not torch.allclose(first, second)
