@@ -7,6 +7,7 @@ median of the rounds after warm-up is reported. Two eager peers, both channels_l
 The speedup is fused vs the faster of the two.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -116,7 +117,7 @@ def time_interleaved(fns, reps, warmup, block=5):
 
 def eager_peers(ref, x):
     cl = torch.channels_last
-    converted = __import__("copy").deepcopy(ref).to(memory_format=cl)
+    converted = copy.deepcopy(ref).to(memory_format=cl)
     xc = x.contiguous(memory_format=cl)
     return {"eager-cl": lambda: converted(xc), "eager-clx": lambda: ref(xc)}
 

@@ -1,4 +1,5 @@
 """The benchmark CLI: options listed, and its measuring code path on tiny inputs."""
+import copy
 import json
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_gpu_suite_code_path_on_cpu_tiny_shapes():
     from bsconv_fast.optimize import fuse_inverted_residual
     common = pytest.importorskip("bsconv.pytorch.common")
     ref = B.BSConvU(6, 10, 3, padding=1).eval()
-    fused = bsconv_fast.BSConvU.from_children(__import__("copy").deepcopy(ref)._modules)
+    fused = bsconv_fast.BSConvU.from_children(copy.deepcopy(ref)._modules)
 
     def dense(x):
         return torch.nn.functional.conv2d(x, bench_gpu.dense_collapse(ref.pw.weight, ref.dw.weight), ref.dw.bias, 1, 1)
