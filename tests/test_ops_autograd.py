@@ -84,3 +84,14 @@ def test_compile_keeps_one_op():
     assert any(str(t).startswith("bsconv_fast.pw_dw") for t in targets), targets
     assert not any("convolution" in str(t) for t in targets)
     assert torch.allclose(out, reference.bsconv_u(x, pw, dw, b, 1, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_export_sees_one_op_per_layer():
+    bsconv = pytest.importorskip("bsconv.pytorch")
+    model = bsconv_fast.patch(bsconv.get_model("cifar_resnet20_bsconvu", num_classes=10).eval())
+    x = torch.randn(1, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("bsconv_fast.pw_dw") for t in targets) == 19
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
