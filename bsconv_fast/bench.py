@@ -273,13 +273,16 @@ def main(argv=None):
     summary = {}
     if args.suite == "gpu-layers":
         return run_gpu(args, header)
-    if args.suite == "default":
-        rows = run_layers([args.batch], args.reps, args.warmup)
-        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, with_ort=False)
-    elif args.suite == "cpu-layers":
+    if args.suite in ("default", "cpu-layers"):
+        # Also the process warm-up (thread pools, clocks, first-touch pages): without it the first
+        # case of a run measures slower than it is.
         summary.update(gemm_peak_gflops())
         print(f"# measured GEMM peak {summary['peak_gflops']:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
               f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
+    if args.suite == "default":
+        rows = run_layers([args.batch], args.reps, args.warmup, summary["peak_gflops"])
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, with_ort=False)
+    elif args.suite == "cpu-layers":
         rows = run_layers([1, 8], args.reps, args.warmup, summary["peak_gflops"])
         for batch in (1, 8):
             sel = [r["speedup"] for r in rows if r["case"].endswith(f"b{batch}")]
