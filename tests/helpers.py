@@ -44,3 +44,16 @@ def ref64(x, pw, dw, mb, b, stride, padding, dilation, mid_act=0, out_act=0):
 
 def fused_backend_used(module, x):
     return set(bsconv_fast.explain(module, x).backends().values())
+
+
+def randomize_bn(module, mean, var, bias=None):
+    """Non-trivial BatchNorm statistics (and affine parameters unless bias is None), so folding them is
+    really exercised: running_mean ~ U(-mean, mean), running_var ~ U(*var), weight ~ U(0.5, 1.5),
+    bias ~ U(-bias, bias)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-mean, mean)
+            m.running_var.uniform_(*var)
+            if bias is not None:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-bias, bias)

@@ -6,7 +6,7 @@ import torch
 
 import bsconv_fast
 from bsconv_fast.dispatch import _warned
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, randomize_bn
 
 B = pytest.importorskip("bsconv.pytorch")
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
@@ -20,20 +20,11 @@ S_ARGS = [dict(in_channels=17, out_channels=33, kernel_size=3, padding=1),
           dict(in_channels=5, out_channels=7, kernel_size=3, min_mid_channels=2, p=0.1)]
 
 
-def _randomize_bn(module):
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-1, 1)
-
-
 @pytest.mark.parametrize("fast_cls,official_cls,kwargs", [(bsconv_fast.BSConvU, B.BSConvU, a) for a in U_ARGS]
                          + [(bsconv_fast.BSConvS, B.BSConvS, a) for a in S_ARGS])
 def test_official_state_dict_loads_and_outputs_match(fast_cls, official_cls, kwargs):
     official = official_cls(**kwargs)
-    _randomize_bn(official)
+    randomize_bn(official, 1.0, (0.5, 2.0), bias=1.0)
     official.eval()
     fast = fast_cls(**kwargs).eval()
     assert list(fast.state_dict().keys()) == list(official.state_dict().keys())
@@ -104,7 +95,7 @@ def test_padding_mode_reflect_falls_back_and_says_why():
 
 def test_inference_uses_packed_cache_and_sees_weight_updates():
     layer = bsconv_fast.BSConvU(17, 33, 3, padding=1, with_bn=True).eval()
-    _randomize_bn(layer)
+    randomize_bn(layer, 1.0, (0.5, 2.0), bias=1.0)
     x = torch.randn(2, 17, 9, 9)
     with torch.inference_mode():
         first = layer(x)

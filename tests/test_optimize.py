@@ -8,20 +8,11 @@ import torch.nn as nn
 
 import bsconv_fast
 from bsconv_fast.optimize import FusedPwDw, fuse_inverted_residual
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, randomize_bn
 
 B = pytest.importorskip("bsconv.pytorch")
 common = pytest.importorskip("bsconv.pytorch.common")
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
-
-
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
 
 
 # (model, fused pointwise->depthwise layers): BSConv-U + BN + ReLU (MobileNetV1, ResNet), BSConv-S with
@@ -34,7 +25,7 @@ MODELS = [("cifar_mobilenetv1_w1d4_bsconvu", 13), ("cifar_resnet20_bsconvu", 19)
 @pytest.mark.parametrize("name,fused", MODELS)
 def test_optimized_official_model_matches(name, fused):
     model = B.get_model(name, num_classes=10).eval()
-    _randomize_bn(model)
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     fast = bsconv_fast.optimize(model)
@@ -61,7 +52,7 @@ def test_optimized_official_model_matches(name, fused):
 
 def _block(cin, cout, k, stride, act, use_bn=True, groups=1):
     blk = common.ConvBlock(cin, cout, k, stride, k // 2, groups=groups, use_bn=use_bn, activation=act)
-    _randomize_bn(blk)
+    randomize_bn(blk, 0.3, (0.5, 1.5), bias=0.5)
     return blk.eval()
 
 
@@ -92,7 +83,7 @@ def test_unfusable_activation_is_left_alone():
 
 def test_optimize_single_layer_and_double_dtype():
     layer = bsconv_fast.BSConvS(9, 21, 3, padding=1, with_bn=True).eval()
-    _randomize_bn(layer)
+    randomize_bn(layer, 0.3, (0.5, 1.5), bias=0.5)
     fast = bsconv_fast.optimize(layer, channels_last=False)
     assert isinstance(fast, FusedPwDw) and fast.prefix is not None
     x = torch.randn(2, 9, 10, 10)

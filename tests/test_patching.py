@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bsconv_fast
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, randomize_bn
 
 B = pytest.importorskip("bsconv.pytorch")
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
@@ -12,17 +12,10 @@ MODELS = [("cifar_mobilenetv1_w1d4_bsconvu", 13), ("cifar_resnet20_bsconvu", 19)
           ("cifar_preresnet20_bsconvs_p1d8", 19), ("resnet10_bsconvu", 8)]
 
 
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.8, 1.2)
-
-
 @pytest.mark.parametrize("name,count", MODELS)
 def test_patched_official_model_matches(name, count):
     model = B.get_model(name, num_classes=10).eval()
-    _randomize_bn(model)
+    randomize_bn(model, 0.2, (0.8, 1.2))
     size = 64 if not name.startswith("cifar") else 32
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
