@@ -15,11 +15,20 @@ def conv_out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation):
+def out_shape(x, out_channels, kernel, stride, padding, dilation):
+    """Output shape of the fused op for input x (N, C, H, W)."""
     n, _, h, w = x.shape
-    kh, kw = dw_weight.shape[2:]
-    return (n, pw_weight.shape[0], conv_out_size(h, kh, stride[0], padding[0], dilation[0]),
-            conv_out_size(w, kw, stride[1], padding[1], dilation[1]))
+    return (n, out_channels, conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0]),
+            conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1]))
+
+
+def pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation):
+    return out_shape(x, pw_weight.shape[0], dw_weight.shape[2:], stride, padding, dilation)
+
+
+def empty_output(x, shape):
+    """Uninitialised output in the memory format the kernels give (the input's, as suggested)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
 def _act_backward(grad, pre, code):
@@ -39,8 +48,7 @@ if _ext.available():
 
     @torch.library.register_fake("bsconv_fast::pw_dw")
     def _pw_dw_fake(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act):
-        shape = pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation)
-        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+        return empty_output(x, pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation))
 
     @torch.library.register_fake("bsconv_fast::pack")
     def _pack_fake(pw_weight, dw_weight, mid_bias, bias):
@@ -51,10 +59,7 @@ if _ext.available():
 
     @torch.library.register_fake("bsconv_fast::pw_dw_packed")
     def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act):
-        n, _, h, w = x.shape
-        shape = (n, out_channels, conv_out_size(h, kernel[0], stride[0], padding[0], dilation[0]),
-                 conv_out_size(w, kernel[1], stride[1], padding[1], dilation[1]))
-        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+        return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, dilation))
 
     def _setup_context(ctx, inputs, output):
         x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act = inputs

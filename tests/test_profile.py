@@ -1,6 +1,5 @@
 """profile(): the official FLOP/parameter convention (figures of the BSConv README, CIFAR10 tables)."""
 import pytest
-import torch
 
 import bsconv_fast
 

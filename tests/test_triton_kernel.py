@@ -79,3 +79,19 @@ def test_dispatch_picks_triton_for_cuda_problems():
 def test_dispatch_explains_cuda_fallbacks(problem, words):
     choice = dispatch.choose(problem)
     assert choice.backend.name == "reference" and words in choice.reason
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_triton_output_layout_matches_fake_kernel(layout):
+    """torch.compile/export trust the fake kernel's strides: the Triton output must have the same."""
+    from bsconv_fast import ops
+    x, pw, dw, _, b = random_problem(2, 8, 12, 9, 11, 3)
+    x = x.to(DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 16, 11, 18, device=DEVICE)[:, ::2, :, ::2].transpose(2, 3)[:, :, :9]
+    out = pw_dw_triton(x, pw.to(DEVICE), dw.to(DEVICE), None, b.to(DEVICE), (1, 1), (1, 1), (1, 1), 0, 0)
+    fake = ops.empty_output(x, ops.pw_dw_out_shape(x, pw, dw, (1, 1), (1, 1), (1, 1)))
+    assert out.shape == fake.shape and out.stride() == fake.stride()
+    assert_close_to_reference(out.cpu(), ref64(x.cpu(), pw, dw, None, b, (1, 1), (1, 1), (1, 1)), 17, layout)

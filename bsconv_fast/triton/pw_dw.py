@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bsconv_fast import ops
+
 
 @triton.jit
 def _activation(v, ACT: tl.constexpr):
@@ -139,11 +141,9 @@ def pw_dw_triton(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilat
     n, cin, h, w = x.shape
     cout = pw_weight.shape[0]
     kh, kw = dw_weight.shape[2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not \
-        x.is_contiguous() else torch.contiguous_format
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    # the same shape and memory format as the op's fake kernel promises
+    y = ops.empty_output(x, ops.pw_dw_out_shape(x, pw_weight, dw_weight, stride, padding, dilation))
+    oh, ow = y.shape[2:]
     if os.environ.get("BSCONV_FAST_POISON") == "1":
         y.fill_(float("nan"))
     if y.numel() == 0:
