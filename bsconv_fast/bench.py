@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 
 import bsconv_fast
+from bsconv_fast import heap
 from bsconv_fast.modules import BSConvU
 
 SUITES = {
@@ -46,7 +47,8 @@ def machine_line():
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
             f"kernel {bsconv_fast._ext.cpu_kernel_isa()}, python {platform.python_version()}, "
-            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+            f"glibc heap tuned={heap.malloc_tuned()}")
 
 
 def git_commit():
@@ -200,7 +202,7 @@ def run_models(names, batch, reps, warmup, with_ort):
         ref = B.get_model(name, num_classes=1000 if not name.startswith("cifar") else 10).eval()
         randomize_bn(ref)
         size = 32 if name.startswith("cifar") else 224
-        fused = bsconv_fast.optimize(ref)
+        fused = bsconv_fast.optimize(ref, tune_malloc=heap.malloc_tuned())
         x = torch.randn(batch, 3, size, size)
         extra = {"ort": ort_peer(ref, x)} if with_ort else {}
         extra = {k: v for k, v in extra.items() if v is not None}
@@ -258,12 +260,17 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=50, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
     parser.add_argument("--json", dest="json_path", default=None, help="write rows and machine info here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU suites: leave glibc's heap thresholds alone (default: bsconv_fast.heap.tune_malloc() "
+                             "before anything runs, so every contender in the process runs with the same heap)")
     parser.add_argument("--only", nargs="*", default=None, help="models suite: run only these official models")
     args = parser.parse_args(argv)
 
     warnings.simplefilter("ignore", UserWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.default_malloc:
+        heap.tune_malloc()
     header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
               "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")

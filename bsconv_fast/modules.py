@@ -54,6 +54,9 @@ class PackedInference:
                           list(problem.dilation), *self._acts) if fused else None
         return plans[key]
 
+    def _pack(self):
+        return torch.ops.bsconv_fast.pack(*self._operands())
+
     def _packed_weights(self):
         tensors = self._source_tensors()
         # Inference tensors (made under inference_mode) carry no version counter, so an in-place
@@ -62,7 +65,7 @@ class PackedInference:
         cached = self.__dict__.get("_bsconv_fast_packed")
         if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, torch.ops.bsconv_fast.pack(*self._operands()))
+                cached = (key, self._pack())
             self.__dict__["_bsconv_fast_packed"] = cached
         return cached[1]
 

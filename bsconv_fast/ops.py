@@ -61,6 +61,16 @@ if _ext.available():
     def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act):
         return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, dilation))
 
+    @torch.library.register_fake("bsconv_fast::pack_pw")
+    def _pack_pw_fake(weight, bias):
+        cout, cin = weight.shape[:2]
+        cp = -(-cout // 16) * 16
+        return weight.new_empty((cp * cin + 2 * cp,))
+
+    @torch.library.register_fake("bsconv_fast::pw_packed")
+    def _pw_packed_fake(x, packed, out_channels, stride, act, residual):
+        return empty_output(x, out_shape(x, out_channels, (1, 1), stride, (0, 0), (1, 1)))
+
     def _setup_context(ctx, inputs, output):
         x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act = inputs
         ctx.save_for_backward(x, pw_weight, dw_weight, mid_bias, bias)

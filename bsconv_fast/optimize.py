@@ -8,14 +8,19 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
     a BN between the stages folds into the pointwise weights plus an intermediate (mid) bias.
   * Inverted-residual blocks (MobileNetV2/V3 LinearBottleneck): 1x1 expand -> BN -> act ->
     depthwise -> BN -> act become one fused op with mid bias and both activations.
+  * The 1x1 convolutions around them run as FusedPointwise (bsconv_fast::pw_packed on the same GEMM
+    micro-kernel): inverted-residual projections take the skip connection in their store
+    (InvertedResidual), ResNet units with a projection shortcut add the body's output and apply the
+    ReLU in the shortcut's store (ResidualUnit), 1x1 heads and classifiers get their BN and act fused.
   * Remaining ConvBlocks (plain conv -> BN -> act): the BN folds into the conv's bias.
 """
 import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from bsconv_fast import dispatch, functional, reference
+from bsconv_fast import _ext, dispatch, functional, heap, reference
 from bsconv_fast.modules import BSConvS, BSConvU, PackedInference, bn_uses_batch_stats, fold_bn
 from bsconv_fast.patching import patch
 
@@ -86,6 +91,94 @@ class FusedPwDw(PackedInference, nn.Module):
                                 self.padding, self.dilation, self.mid_act, self.out_act)
 
 
+class FusedPointwise(PackedInference, nn.Module):
+    """Inference 1x1 convolution act(conv1x1(x, weight, stride) + bias + residual) with a folded, frozen
+    weight: bsconv_fast::pw_packed on CPU (float32 SIMD, float64 scalar), standard ops otherwise."""
+
+    def __init__(self, weight, bias, stride=(1, 1), act=0):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.act = tuple(stride), act
+
+    @staticmethod
+    def supports(conv):
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1
+                and conv.padding == (0, 0) and conv.dilation == (1, 1))
+
+    @classmethod
+    def from_conv(cls, conv, bn=None, act=0):
+        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        return cls(weight, bias, conv.stride, act)
+
+    def _source_tensors(self):
+        return [t for t in (self.weight, self.bias) if t is not None]
+
+    def _pack(self):
+        return torch.ops.bsconv_fast.pack_pw(self.weight, self.bias)
+
+    def _why_not_fused(self, x, residual):
+        if not _ext.available():
+            return "the C++ extension is not loaded"
+        if x.device.type != "cpu" or self.weight.device.type != "cpu":
+            return "pw_packed is CPU-only"
+        if x.dtype not in (torch.float32, torch.float64) or x.dtype != self.weight.dtype:
+            return f"dtype {x.dtype} (needs float32/float64, the weight's dtype {self.weight.dtype})"
+        if torch.compiler.is_compiling():
+            return "torch.compile traces the standard ops"
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+            return "autograd needs the standard ops"
+        return ""
+
+    def choice(self, x, residual=None):
+        reason = self._why_not_fused(x, residual)
+        return ("reference", reason) if reason else (f"cpu-pointwise ({_ext.cpu_kernel_isa()})", "")
+
+    def forward(self, x, residual=None):
+        if not self._why_not_fused(x, residual):
+            return torch.ops.bsconv_fast.pw_packed(x, self._packed_weights(), self.weight.shape[0], list(self.stride),
+                                                   self.act, residual)
+        y = F.conv2d(x, self.weight, self.bias, self.stride)
+        return reference.activation(y if residual is None else y + residual, self.act)
+
+    def extra_repr(self):
+        acts = {v: k for k, v in reference.ACTIVATIONS.items()}
+        return (f"{self.weight.shape[1]}->{self.weight.shape[0]}, stride={self.stride}, act={acts[self.act]}, "
+                f"bias={self.bias is not None}")
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3 block for inference: fused expand -> depthwise, the squeeze-excitation unit if
+    any, then the projection, whose store adds the skip connection."""
+
+    def __init__(self, expand_dw, se, project, skip):
+        super().__init__()
+        self.expand_dw, self.se, self.project, self.skip = expand_dw, se, project, skip
+
+    def forward(self, x):
+        y = self.expand_dw(x)
+        if self.se is not None:
+            y = self.se(y)
+        return self.project(y, x if self.skip else None)
+
+
+class ResidualUnit(nn.Module):
+    """ResNet basic unit for inference: relu(body(x) + shortcut(x)). A 1x1 projection shortcut takes
+    the body's output as its residual, so the add and the ReLU happen in its store."""
+
+    def __init__(self, body, projection):
+        super().__init__()
+        self.body, self.projection = body, projection
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.projection is not None:
+            return self.projection(x, y)
+        if torch.is_grad_enabled():
+            return torch.relu(y + x)
+        return torch.relu_(y.add_(x))  # y is this unit's own fresh output
+
+
 def _bn_ok(bn):
     return bn is None or (isinstance(bn, nn.BatchNorm2d) and not bn_uses_batch_stats(bn))
 
@@ -105,11 +198,7 @@ def fuse_bsconv(block, bn=None, act=None):
         bn1 = getattr(block, "bn1", None)
         if not _bn_ok(bn1):
             return None
-        w1, b1 = fold_bn(block.pw1.weight, bn1) if bn1 is not None else (block.pw1.weight, None)
-        prefix = nn.Conv2d(w1.shape[1], w1.shape[0], 1, bias=b1 is not None)
-        prefix.weight.data.copy_(w1)
-        if b1 is not None:
-            prefix.bias.data.copy_(b1)
+        prefix = FusedPointwise.from_conv(block.pw1, bn1)
     dw = block.dw
     return FusedPwDw(weight, mid_bias, dw_weight, bias, dw.stride, dw.padding, dw.dilation, 0, code, prefix)
 
@@ -141,8 +230,21 @@ def fuse_inverted_residual(expand, depthwise):
     return FusedPwDw(weight, mid_bias, dw_weight, bias, dw.stride, dw.padding, dw.dilation, c1, c2)
 
 
+def pointwise_from_block(block):
+    """FusedPointwise for ConvBlock(1x1 conv, BN, act), or None."""
+    conv, bn, act = _block_parts(block)
+    code = activation_code(act)
+    if not FusedPointwise.supports(conv) or not _bn_ok(bn) or code < 0:
+        return None
+    return FusedPointwise.from_conv(conv, bn, code)
+
+
 def fold_conv_block(block):
-    """conv -> BN -> act with the BN folded into the conv's bias (a plain Conv2d and the act)."""
+    """conv -> BN -> act with the BN folded: a FusedPointwise for 1x1 convs, else a plain Conv2d
+    (with the BN in its bias) and the act."""
+    pointwise = pointwise_from_block(block)
+    if pointwise is not None:
+        return pointwise
     conv, bn, act = _block_parts(block)
     if type(conv) is not nn.Conv2d or not _bn_ok(bn) or bn is None:
         return None
@@ -153,30 +255,66 @@ def fold_conv_block(block):
     return nn.Sequential(folded, act) if act is not None else folded
 
 
+def rewrite_linear_bottleneck(block):
+    """InvertedResidual for an official LinearBottleneck (expand and depthwise fused), or None."""
+    fused = fuse_inverted_residual(block.conv1, block.conv2)
+    project = pointwise_from_block(block.conv3) if _is_conv_block(block.conv3) else None
+    if fused is None or project is None or (block.use_res_skip and project.act != 0):
+        return None  # an activation before the skip add cannot go into the store
+    se = block.se_unit if block.use_se else None
+    if se is not None:
+        _rewrite(se)
+    return InvertedResidual(fused, se, project, block.use_res_skip)
+
+
+def rewrite_standard_unit(unit):
+    """ResidualUnit for an official ResNet StandardUnit, or None."""
+    if not isinstance(unit.relu, nn.ReLU):
+        return None
+    projection = None
+    if unit.use_projection:
+        if not _is_conv_block(unit.projection) or _block_parts(unit.projection)[2] is not None:
+            return None
+        conv, bn, _ = _block_parts(unit.projection)
+        if not FusedPointwise.supports(conv) or not _bn_ok(bn):
+            return None
+        projection = FusedPointwise.from_conv(conv, bn, reference.ACTIVATIONS["relu"])
+    body = nn.Sequential(unit.conv1, unit.conv2)
+    _rewrite(body)
+    return ResidualUnit(body, projection)
+
+
 def _rewrite(module):
     """Rewrite patterns below `module` in place; returns the number of fused pointwise->depthwise pairs."""
     count = 0
-    if type(module).__name__ == "LinearBottleneck" and _is_conv_block(getattr(module, "conv1", None)):
-        fused = fuse_inverted_residual(module.conv1, module.conv2)
-        if fused is not None:
-            module.conv1, module.conv2 = fused, nn.Identity()
-            count += 1
     for name, child in list(module._modules.items()):
         new = None
-        if _is_conv_block(child) and isinstance(child.conv, (BSConvU, BSConvS)):
+        kind = type(child).__name__
+        if kind == "LinearBottleneck" and _is_conv_block(getattr(child, "conv1", None)):
+            new = rewrite_linear_bottleneck(child)
+            if new is None:  # at least fuse expand -> depthwise
+                fused = fuse_inverted_residual(child.conv1, child.conv2)
+                if fused is not None:
+                    child.conv1, child.conv2 = fused, nn.Identity()
+                    count += 1
+        elif kind == "StandardUnit" and hasattr(child, "conv1") and hasattr(child, "relu"):
+            new = rewrite_standard_unit(child)
+        elif _is_conv_block(child) and isinstance(child.conv, (BSConvU, BSConvS)):
             new = fuse_bsconv(*_block_parts(child))
-            count += new is not None
         elif isinstance(child, nn.Sequential) and len(child) in (2, 3) and isinstance(child[0], (BSConvU, BSConvS)) \
                 and isinstance(child[1], nn.BatchNorm2d) and activation_code(child[2] if len(child) == 3 else None) >= 0:
             new = fuse_bsconv(child[0], child[1], child[2] if len(child) == 3 else None)
-            count += new is not None
         elif isinstance(child, (BSConvU, BSConvS)):
             new = fuse_bsconv(child)
-            count += new is not None
+            if new is None:
+                continue  # keep the module whole: its forward uses its own children
         elif _is_conv_block(child):
             new = fold_conv_block(child)
+        elif FusedPointwise.supports(child):
+            new = FusedPointwise.from_conv(child)
         if new is not None:
             module._modules[name] = new
+            count += sum(isinstance(m, FusedPwDw) for m in new.modules())
         else:
             count += _rewrite(child)
     return count
@@ -189,10 +327,14 @@ def _to_channels_last(module, args):
     return None
 
 
-def optimize(model, channels_last=True, verbose=False):
+def optimize(model, channels_last=True, tune_malloc=True, verbose=False):
     """Inference copy of `model` (eval mode, no gradients): BSConv layers and inverted-residual blocks
     fused with their BatchNorms and activations, other conv+BN pairs folded, and the input turned
-    channels_last on entry. The original model is left untouched."""
+    channels_last on entry. The original model is left untouched.
+
+    tune_malloc: also set the process's glibc heap thresholds so that activations freed by one
+    forward are reused by the next instead of page-faulting again (see bsconv_fast.heap; it is
+    process-wide and affects every library in the process)."""
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -203,7 +345,9 @@ def optimize(model, channels_last=True, verbose=False):
         fused += isinstance(model, FusedPwDw)
     if channels_last:
         model.register_forward_pre_hook(_to_channels_last)
+    tuned = tune_malloc and heap.tune_malloc()
     object.__setattr__(model, "bsconv_fast_fused", fused)
     if verbose:
-        print(f"bsconv_fast.optimize: {fused} fused pointwise->depthwise layers")
+        print(f"bsconv_fast.optimize: {fused} fused pointwise->depthwise layers"
+              + ("; glibc heap thresholds set (bsconv_fast.heap)" if tuned else ""))
     return model

@@ -42,4 +42,8 @@ TORCH_LIBRARY(bsconv_fast, m) {
   m.def(
       "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
       "int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
+  // The 1x1 convolutions around fused layers (inference, CPU): y = act(conv1x1(x, weight, stride)
+  // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
+  m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");
+  m.def("pw_packed(Tensor x, Tensor packed, int out_channels, int[2] stride, int act, Tensor? residual) -> Tensor");
 }

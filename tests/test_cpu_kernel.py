@@ -103,6 +103,11 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, mid_bias=True)
     out = bsconv_fast.pw_dw(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2)
     assert_close_to_reference(out, ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2), cin + 25, str(case))
+    # the 1x1 op on the same micro-kernel, with a residual and a channel tail
+    y = torch.randn(n, cout, (h - 1) // pr(s)[0] + 1, (w - 1) // pr(s)[1] + 1)
+    pw_out = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), cout, list(pr(s)), 2, y)
+    want = torch.nn.functional.relu6(torch.nn.functional.conv2d(x.double(), pw.double(), b.double(), pr(s)) + y)
+    assert_close_to_reference(pw_out, want, cin, "pw " + str(case))
 print(json.dumps(bsconv_fast._ext.cpu_kernel_isa()))
 """
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import bsconv_fast
-from bsconv_fast.optimize import FusedPwDw, fuse_inverted_residual
+from bsconv_fast.optimize import FusedPointwise, FusedPwDw, InvertedResidual, ResidualUnit, fuse_inverted_residual
 from helpers import assert_close_to_reference, randomize_bn
 
 B = pytest.importorskip("bsconv.pytorch")
@@ -32,7 +32,8 @@ def test_optimized_official_model_matches(name, fused):
     assert fast.bsconv_fast_fused == fused
     assert sum(isinstance(m, FusedPwDw) for m in fast.modules()) == fused
     backends = set(bsconv_fast.explain(fast, x).backends().values())
-    assert backends == {f"cpu-fused ({bsconv_fast._ext.cpu_kernel_isa()})"}
+    isa = bsconv_fast._ext.cpu_kernel_isa()
+    assert backends == {f"cpu-fused ({isa})", f"cpu-pointwise ({isa})"}
     with torch.inference_mode():
         got = fast(x)
         with torch.profiler.profile() as prof:
@@ -107,3 +108,30 @@ def test_fused_layer_repacks_after_in_place_buffer_update():
         second = fast(x)
     want = bsconv_fast.reference.pw_dw(x, fast.pw_weight, fast.dw_weight, None, fast.bias, 1, 1, 1)
     assert torch.allclose(second, want, atol=1e-5) and not torch.allclose(first, second)
+
+
+# (model, InvertedResidual blocks, ResidualUnits, of which with a 1x1 projection shortcut)
+STRUCTURE = [("cifar_mobilenetv2_w1d4_bsconvs_p1d6", 17, 0, 0), ("cifar_mobilenetv3_large_w7d20_bsconvs_p1d6", 15, 0, 0),
+             ("cifar_resnet20_bsconvu", 0, 9, 2)]
+
+
+@pytest.mark.parametrize("name,inverted,units,projections", STRUCTURE)
+def test_blocks_become_one_module_with_the_skip_in_the_store(name, inverted, units, projections):
+    """Inverted residuals: projection + skip add in one pw_packed call; ResNet units: a projection
+    shortcut takes the body's output and the ReLU in its store; no aten add/relu left for them."""
+    model = B.get_model(name, num_classes=10).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    assert sum(isinstance(m, InvertedResidual) for m in fast.modules()) == inverted
+    res_units = [m for m in fast.modules() if isinstance(m, ResidualUnit)]
+    assert len(res_units) == units and sum(u.projection is not None for u in res_units) == projections
+    pointwise = sum(isinstance(m, FusedPointwise) for m in fast.modules())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            got = fast(x)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("bsconv_fast::pw_packed", 0) == pointwise
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5

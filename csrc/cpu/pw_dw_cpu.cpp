@@ -1,4 +1,5 @@
-// CPU implementation of bsconv_fast::pw_dw: fused 1x1 (pointwise) -> kxk depthwise.
+// CPU implementation of bsconv_fast::pw_dw: fused 1x1 (pointwise) -> kxk depthwise, and of
+// bsconv_fast::pw_packed, the plain 1x1 convolution on the same GEMM micro-kernel (see below).
 //
 // One pass over the input. Each work item owns a slab of output channels and a band of
 // output rows of one image. It keeps a ring of pointwise rows (W x channel-slab) in a
@@ -100,6 +101,20 @@ struct ScalarKernels {
     }
   }
 
+  // y[p, c] = act(b[c] + sum_k a[p * lda + k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout.
+  static void pw_out(const T* a, int64_t lda, int64_t K, int64_t npix, const T* w, const T* bias, int64_t c0,
+                     int64_t cg, int64_t Cout, int64_t act, T* y, const T* res) {
+    for (int64_t p = 0; p < npix; ++p) {
+      for (int64_t c = c0; c < std::min(c0 + cg, Cout); ++c) {
+        const T* wc = w + (c / kNR) * K * kNR + c % kNR;
+        T acc = bias[c];
+        for (int64_t k = 0; k < K; ++k) acc += a[p * lda + k] * wc[k * kNR];
+        if (res != nullptr) acc += res[p * Cout + c];
+        y[p * Cout + c] = act_scalar(acc, act);
+      }
+    }
+  }
+
   static void dw_row(const Geometry& g, const Operands<T>& o, const T* const* rows, int64_t n,
                      int64_t oh, int64_t c0, int64_t cg) {
     const int64_t cend = std::min(c0 + cg, g.Cout);
@@ -142,10 +157,12 @@ BSCONV_TARGET inline VReg vmul(VReg a, VReg b) { return _mm256_mul_ps(a, b); }
 BSCONV_TARGET inline VReg vdiv(VReg a, VReg b) { return _mm256_div_ps(a, b); }
 BSCONV_TARGET inline VReg vmax(VReg a, VReg b) { return _mm256_max_ps(a, b); }
 BSCONV_TARGET inline VReg vmin(VReg a, VReg b) { return _mm256_min_ps(a, b); }
-BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
-  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  _mm256_maskstore_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - n)), v);
+alignas(32) static const int32_t kFirstLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+BSCONV_TARGET inline __m256i first_lanes(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirstLanes + 8 - n));
 }
+BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
 #include "simd_kernels.h"
 #undef BSCONV_TARGET
 }  // namespace avx2
@@ -168,6 +185,9 @@ BSCONV_TARGET inline VReg vmax(VReg a, VReg b) { return _mm512_max_ps(a, b); }
 BSCONV_TARGET inline VReg vmin(VReg a, VReg b) { return _mm512_min_ps(a, b); }
 BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+}
+BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
 }
 #include "simd_kernels.h"
 #undef BSCONV_TARGET
@@ -267,11 +287,77 @@ void run_best(const Geometry& g, const Operands<float>& o) {
 
 void run_best(const Geometry& g, const Operands<double>& o) { run<double, ScalarKernels<double>>(g, o); }
 
+// ---------------------------------------------------------------- pointwise op
+// bsconv_fast::pw_packed: y = act(conv1x1(x, w, stride) + b (+ residual)), the 1x1 convolutions
+// around the fused layers (inverted-residual projections with their skip connection, ResNet
+// shortcut projections, 1x1 heads), on the same GEMM micro-kernel with the residual added in
+// the store.
+struct PwGeometry {
+  int64_t N, H, W, Cin, Cout, Cp, sh, sw, OH, OW, act;
+};
+
+template <typename T>
+struct PwOperands {
+  const T* x;    // [N, H, W, Cin]
+  const T* w;    // [Cp / kNR][Cin][kNR]
+  const T* b;    // [Cp]
+  const T* res;  // [N, OH, OW, Cout] or nullptr
+  T* y;          // [N, OH, OW, Cout]
+};
+
+constexpr int64_t kPwPixels = 192;  // pixels per GEMM call: their input rows stay in L2 across column blocks
+
+// Output pixels [p0, p1) (flattened over N, OH, OW), channels [c0, c0 + cg).
+template <typename T, typename K>
+void pw_range(const PwGeometry& g, const PwOperands<T>& o, int64_t p0, int64_t p1, int64_t c0, int64_t cg) {
+  const bool flat = g.sh == 1 && g.sw == 1;  // then output pixel q reads input pixel q
+  for (int64_t q = p0; q < p1;) {
+    const int64_t n = q / (g.OH * g.OW), oh = q / g.OW % g.OH, ow = q % g.OW;
+    const int64_t end = std::min({p1, q + kPwPixels, flat ? p1 : q - ow + g.OW});
+    const T* a = o.x + ((n * g.H + oh * g.sh) * g.W + ow * g.sw) * g.Cin;
+    K::pw_out(a, g.sw * g.Cin, g.Cin, end - q, o.w, o.b, c0, cg, g.Cout, g.act, o.y + q * g.Cout,
+              o.res == nullptr ? nullptr : o.res + q * g.Cout);
+    q = end;
+  }
+}
+
+template <typename T, typename K>
+void run_pw(const PwGeometry& g, const PwOperands<T>& o) {
+  const int64_t P = g.N * g.OH * g.OW, panels = g.Cp / kNR;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // Few pixels (late stages, 1x1 heads): split the channels, so each thread reads only its share
+  // of the weights. Otherwise split the pixels: no thread re-reads another's activations.
+  const int64_t groups = P < 64 * threads ? std::min(panels, threads) : 1;
+  const int64_t panels_per_group = ceil_div(panels, groups);
+  const int64_t chunks = groups > 1 ? 1 : std::min(threads, ceil_div(P, 8));
+  const int64_t chunk = ceil_div(ceil_div(P, chunks), 8) * 8;  // whole 8-pixel micro-tiles per thread
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c0 = (item / chunks) * panels_per_group * kNR;
+      const int64_t p0 = (item % chunks) * chunk;
+      if (c0 < g.Cp && p0 < P) {
+        pw_range<T, K>(g, o, p0, std::min(P, p0 + chunk), c0, std::min(panels_per_group * kNR, g.Cp - c0));
+      }
+    }
+  });
+}
+
+void run_pw_best(const PwGeometry& g, const PwOperands<float>& o) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: run_pw<float, avx512::Kernels>(g, o); break;
+    case Isa::kAvx2: run_pw<float, avx2::Kernels>(g, o); break;
+    default: run_pw<float, ScalarKernels<float>>(g, o); break;
+  }
+}
+
+void run_pw_best(const PwGeometry& g, const PwOperands<double>& o) { run_pw<double, ScalarKernels<double>>(g, o); }
+
 // ---------------------------------------------------------------- packing
 // All weights of one layer in one buffer, in the order the kernels read them:
 //   pw [Cp / kNR][Cin][kNR]  (16-channel panels, zero-padded to Cp channels)
 //   dw [KH * KW][Cp]         (channel-contiguous per tap)
 //   b1 [Cp], b2 [Cp]         (mid bias, output bias; zeros when absent)
+// The pointwise op's buffer (pack_pw) is the same with no depthwise taps: pw, then its bias as b1.
 int64_t packed_numel(int64_t Cin, int64_t Cp, int64_t taps) { return Cp * Cin + taps * Cp + 2 * Cp; }
 
 template <typename T>
@@ -462,10 +548,69 @@ at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64
   return run_packed(x, packed, g);
 }
 
+at::Tensor pack_pw_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
+              "bsconv_fast::pack_pw: weight must have shape (Cout, Cin, 1, 1), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
+              "bsconv_fast::pack_pw: weight must be float32 or float64, got ", weight.scalar_type());
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), Cp = ceil_div(Cout, kNR) * kNR;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout && bias->scalar_type() == weight.scalar_type(),
+                "bsconv_fast::pack_pw: bias must have shape (", Cout, ") and the weight's dtype, got ", bias->sizes(),
+                " ", bias->scalar_type());
+  }
+  auto packed = at::empty({packed_numel(Cin, Cp, 0)}, weight.options());
+  const auto w = weight.contiguous();
+  const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "bsconv_fast_pack_pw", [&] {
+    pack_into<scalar_t>(packed.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), nullptr, data_or_null<scalar_t>(b),
+                        nullptr, Cout, Cin, Cp, 0);
+  });
+  return packed;
+}
+
+at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef stride,
+                         int64_t act, const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x_in.dim() == 4, "bsconv_fast::pw_packed: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "bsconv_fast::pw_packed (CPU): supports float32 and float64, got ", x_in.scalar_type());
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::pw_packed: bad stride ", stride);
+  TORCH_CHECK(act >= 0 && act <= 4, "bsconv_fast::pw_packed: activation code must be in [0, 4], got ", act);
+  TORCH_CHECK(out_channels > 0, "bsconv_fast::pw_packed: out_channels must be positive, got ", out_channels);
+  PwGeometry g{x_in.size(0), x_in.size(2), x_in.size(3), x_in.size(1), out_channels, ceil_div(out_channels, kNR) * kNR,
+               stride[0], stride[1], 0, 0, act};
+  g.OH = (g.H - 1) / g.sh + 1;
+  g.OW = (g.W - 1) / g.sw + 1;
+  TORCH_CHECK(packed.scalar_type() == x_in.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
+                  packed.numel() == packed_numel(g.Cin, g.Cp, 0),
+              "bsconv_fast::pw_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for ", g.Cin,
+              " input and ", out_channels, " output channels, with the dtype of x");
+  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == x_in.scalar_type(),
+                "bsconv_fast::pw_packed: residual must have the output's shape ", y.sizes(), " and dtype ",
+                x_in.scalar_type(), ", got ", residual->sizes(), " ", residual->scalar_type());
+    res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (y.numel() > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_cpu", [&] {
+      const scalar_t* w = packed.data_ptr<scalar_t>();
+      run_pw_best(g, PwOperands<scalar_t>{x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin,
+                                          res.defined() ? res.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>()});
+    });
+  }
+  return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
 TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pw_dw", &pw_dw_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("pw_dw_packed", &pw_dw_packed_cpu);
+  m.impl("pack_pw", &pack_pw_cpu);
+  m.impl("pw_packed", &pw_packed_cpu);
 }
 
 }  // namespace cpu

@@ -2,7 +2,7 @@
 // pw_dw_cpu.cpp, inside a namespace that defines:
 //   BSCONV_TARGET  function attribute enabling the ISA
 //   VReg, kLanes   vector register type and its float lanes
-//   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n)
+//   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n), vload_first(n)
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
 // Needs Geometry, Operands, valid_taps, ceil_div, act_scalar and kNR from the including file.
 //
@@ -40,12 +40,41 @@ BSCONV_TARGET __attribute__((always_inline)) inline void store_act(float* dst, V
   }
 }
 
+// Where a GEMM micro-tile goes: `st(r, col, v)` stores vector v of pixel r, columns
+// [col, col + kLanes); `st.at(p)` is the same store moved p pixels on, `st.shifted(col)` col
+// channels on. Stores are passed by value: Python's build flags include -fno-strict-aliasing, so
+// through a reference every float store would force their fields to be reloaded (measured 2-3x).
+// The pointwise rows of the fused op: whole vectors into the ring (channels padded to kNR).
+struct RingStore {
+  float* c;
+  int64_t ldc, act;
+  BSCONV_TARGET __attribute__((always_inline)) void operator()(int r, int64_t col, VReg v) const {
+    store_act(c + r * ldc + col, v, kLanes, act);
+  }
+  RingStore at(int64_t p) const { return {c + p * ldc, ldc, act}; }
+  RingStore shifted(int64_t col) const { return {c + col, ldc, act}; }
+};
+
+// The pointwise op's output: y = act(acc + residual), only the first `ncols` columns exist.
+struct OutStore {
+  float* y;
+  const float* res;  // nullptr: no residual
+  int64_t ldc, ncols, act;
+  BSCONV_TARGET __attribute__((always_inline)) void operator()(int r, int64_t col, VReg v) const {
+    const int64_t n = std::min<int64_t>(kLanes, ncols - col);
+    if (n <= 0) return;
+    if (res != nullptr) v = vadd(v, vload_first(res + r * ldc + col, n));
+    store_act(y + r * ldc + col, v, n, act);
+  }
+  OutStore at(int64_t p) const { return {y + p * ldc, res == nullptr ? nullptr : res + p * ldc, ldc, ncols, act}; }
+  OutStore shifted(int64_t col) const { return {y + col, res == nullptr ? nullptr : res + col, ldc, ncols - col, act}; }
+};
+
 // MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
 // weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise.
-template <int MR, int NV>
+template <int MR, int NV, typename Store>
 BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, int64_t K,
-                                     const float* bias0, const float* bias1, int64_t act, float* c,
-                                     int64_t ldc) {
+                                     const float* bias0, const float* bias1, const Store st) {
   static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
   const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
   VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
@@ -64,10 +93,10 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
     BSCONV_ROW(6, 6) BSCONV_ROW(7, 7) BSCONV_ROW(8, 8) BSCONV_ROW(9, 9) BSCONV_ROW(10, a) BSCONV_ROW(11, b)
 #undef BSCONV_ROW
   }
-#define BSCONV_STORE(r, R)                                                      \
-  if constexpr (MR > r) {                                                       \
-    store_act(c + r * ldc, c##R##0, kLanes, act);                               \
-    if constexpr (NV > 1) store_act(c + r * ldc + kLanes, c##R##1, kLanes, act); \
+#define BSCONV_STORE(r, R)                          \
+  if constexpr (MR > r) {                           \
+    st(r, 0, c##R##0);                              \
+    if constexpr (NV > 1) st(r, kLanes, c##R##1);   \
   }
   BSCONV_STORE(0, 0) BSCONV_STORE(1, 1) BSCONV_STORE(2, 2) BSCONV_STORE(3, 3) BSCONV_STORE(4, 4)
   BSCONV_STORE(5, 5) BSCONV_STORE(6, 6) BSCONV_STORE(7, 7) BSCONV_STORE(8, 8) BSCONV_STORE(9, 9)
@@ -75,20 +104,17 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
 #undef BSCONV_STORE
 }
 
-// All pixel tiles of one column block (NV vectors) of the pointwise stage.
-template <int NV>
-BSCONV_TARGET inline void gemm_columns(const Geometry& g, const float* a, int64_t npix, const float* b0,
-                                       const float* b1, const float* bias0, const float* bias1, float* c,
-                                       int64_t ldc) {
+// All pixel tiles of one column block (NV vectors): npix pixels, pixel p at a + p * lda.
+template <int NV, typename Store>
+BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, int64_t K, int64_t npix, const float* b0,
+                                       const float* b1, const float* bias0, const float* bias1, const Store st) {
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) {
-    gemm_micro<kMR, NV>(a + p * g.Cin, g.Cin, b0, b1, g.Cin, bias0, bias1, g.mid_act, c + p * ldc, ldc);
-  }
-  const float* ap = a + p * g.Cin;
-  float* cp = c + p * ldc;
+  for (; p + kMR <= npix; p += kMR) gemm_micro<kMR, NV>(a + p * lda, lda, b0, b1, K, bias0, bias1, st.at(p));
+  const float* ap = a + p * lda;
+  const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, g.Cin, b0, b1, g.Cin, bias0, bias1, g.mid_act, cp, ldc); break;
+  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, lda, b0, b1, K, bias0, bias1, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -96,21 +122,35 @@ BSCONV_TARGET inline void gemm_columns(const Geometry& g, const float* a, int64_
   }
 }
 
+// Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, K inputs), packed
+// weights `w` and bias as pack_into lays them out, one column block of 2 vectors (or 1) at a time.
+template <typename Store>
+BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, int64_t K, int64_t npix, const float* w,
+                                      const float* bias, int64_t c0, int64_t cg, const Store st) {
+  constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
+  const auto panel = [&](int64_t c) { return w + (c / kNR) * K * kNR + (c % kNR); };
+  int64_t c = c0;
+  for (; c + step <= c0 + cg; c += step) {
+    gemm_columns<2>(a, lda, K, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st.shifted(c - c0));
+  }
+  for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
+    gemm_columns<1>(a, lda, K, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
+  }
+}
+
 struct Kernels {
   // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
   BSCONV_TARGET static void pw_rows(const Geometry& g, const Operands<float>& o, const float* a, int64_t npix,
                                     int64_t c0, int64_t cg, float* out) {
-    constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
-    int64_t c = c0;
-    for (; c + step <= c0 + cg; c += step) {
-      const float* b0 = o.pw + (c / kNR) * g.Cin * kNR + (c % kNR);
-      const float* b1 = o.pw + ((c + kLanes) / kNR) * g.Cin * kNR + ((c + kLanes) % kNR);
-      gemm_columns<2>(g, a, npix, b0, b1, o.b1 + c, o.b1 + c + kLanes, out + (c - c0), cg);
-    }
-    for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
-      const float* b0 = o.pw + (c / kNR) * g.Cin * kNR + (c % kNR);
-      gemm_columns<1>(g, a, npix, b0, b0, o.b1 + c, o.b1 + c, out + (c - c0), cg);
-    }
+    gemm_panels(a, g.Cin, g.Cin, npix, o.pw, o.b1, c0, cg, RingStore{out, cg, g.mid_act});
+  }
+
+  // y[p, c] = act(b[c] + sum_k a[p * lda + k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout.
+  BSCONV_TARGET static void pw_out(const float* a, int64_t lda, int64_t K, int64_t npix, const float* w,
+                                   const float* bias, int64_t c0, int64_t cg, int64_t Cout, int64_t act, float* y,
+                                   const float* res) {
+    gemm_panels(a, lda, K, npix, w, bias, c0, cg,
+                OutStore{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0, act});
   }
 
   BSCONV_TARGET static void dw_row(const Geometry& g, const Operands<float>& o, const float* const* rows,
