@@ -58,7 +58,7 @@ if _ext.available():
         return pw_weight.new_empty((cp * cin + taps * cp + 2 * cp,))
 
     @torch.library.register_fake("bsconv_fast::pw_dw_packed")
-    def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act):
+    def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act, residual=None):
         return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, dilation))
 
     @torch.library.register_fake("bsconv_fast::pack_pw")

@@ -81,14 +81,18 @@ class FusedPwDw(PackedInference, nn.Module):
         chosen = dispatch.choose(self._problem(x))
         return chosen.backend.name, chosen.reason
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """`residual` (the output's shape) is added before the output activation."""
         if self.prefix is not None:
             x = self.prefix(x)
         plan = self._inference_plan(x)
-        if plan is not None:
-            return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed_weights(), *plan)
-        return functional.pw_dw(x, self.pw_weight, self.dw_weight, self.mid_bias, self.bias, self.stride,
-                                self.padding, self.dilation, self.mid_act, self.out_act)
+        if plan is not None and (residual is None or not (torch.is_grad_enabled() and residual.requires_grad)):
+            return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed_weights(), *plan, residual)
+        args = (x, self.pw_weight, self.dw_weight, self.mid_bias, self.bias, self.stride, self.padding, self.dilation,
+                self.mid_act)
+        if residual is None:
+            return functional.pw_dw(*args, self.out_act)
+        return reference.activation(functional.pw_dw(*args, 0) + residual, self.out_act)
 
 
 class FusedPointwise(PackedInference, nn.Module):
@@ -163,20 +167,19 @@ class InvertedResidual(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    """ResNet basic unit for inference: relu(body(x) + shortcut(x)). A 1x1 projection shortcut takes
-    the body's output as its residual, so the add and the ReLU happen in its store."""
+    """ResNet basic unit for inference: relu(body(x) + shortcut(x)), the add and the ReLU in a store:
+    with an identity shortcut, the last fused layer takes x as its residual and the ReLU as its
+    output activation; a 1x1 projection shortcut takes the body's output as its residual."""
 
-    def __init__(self, body, projection):
+    def __init__(self, first, last, projection):
         super().__init__()
-        self.body, self.projection = body, projection
+        self.first, self.last, self.projection = first, last, projection
 
     def forward(self, x):
-        y = self.body(x)
-        if self.projection is not None:
-            return self.projection(x, y)
-        if torch.is_grad_enabled():
-            return torch.relu(y + x)
-        return torch.relu_(y.add_(x))  # y is this unit's own fresh output
+        y = self.first(x)
+        if self.projection is None:
+            return self.last(y, x)
+        return self.projection(x, self.last(y))
 
 
 def _bn_ok(bn):
@@ -268,20 +271,25 @@ def rewrite_linear_bottleneck(block):
 
 
 def rewrite_standard_unit(unit):
-    """ResidualUnit for an official ResNet StandardUnit, or None."""
-    if not isinstance(unit.relu, nn.ReLU):
+    """ResidualUnit for an official ResNet StandardUnit whose convolutions fuse, or None."""
+    first, last = _fused_conv_block(unit.conv1), _fused_conv_block(unit.conv2)
+    if not isinstance(unit.relu, nn.ReLU) or first is None or last is None or last.out_act != 0:
         return None
-    projection = None
-    if unit.use_projection:
-        if not _is_conv_block(unit.projection) or _block_parts(unit.projection)[2] is not None:
-            return None
-        conv, bn, _ = _block_parts(unit.projection)
-        if not FusedPointwise.supports(conv) or not _bn_ok(bn):
-            return None
-        projection = FusedPointwise.from_conv(conv, bn, reference.ACTIVATIONS["relu"])
-    body = nn.Sequential(unit.conv1, unit.conv2)
-    _rewrite(body)
-    return ResidualUnit(body, projection)
+    relu = reference.ACTIVATIONS["relu"]
+    if not unit.use_projection:
+        last.out_act = relu
+        return ResidualUnit(first, last, None)
+    if not _is_conv_block(unit.projection) or _block_parts(unit.projection)[2] is not None:
+        return None
+    conv, bn, _ = _block_parts(unit.projection)
+    if not FusedPointwise.supports(conv) or not _bn_ok(bn):
+        return None
+    return ResidualUnit(first, last, FusedPointwise.from_conv(conv, bn, relu))
+
+
+def _fused_conv_block(block):
+    return fuse_bsconv(*_block_parts(block)) if _is_conv_block(block) and isinstance(block.conv, (BSConvU, BSConvS)) \
+        else None
 
 
 def _rewrite(module):

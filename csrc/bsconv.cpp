@@ -36,12 +36,13 @@ TORCH_LIBRARY(bsconv_fast, m) {
       "pw_dw_cuda(Tensor x, Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
   // Inference without autograd: weights (and biases) packed once in the backend's layout by
-  // `pack`, then reused by `pw_dw_packed` on every call. The CPU layout is documented in
+  // `pack`, then reused by `pw_dw_packed` on every call; its optional residual (the output's
+  // shape) is added before out_act: y = out_act(depthwise(...) + bias + residual). The CPU layout is documented in
   // csrc/cpu/pw_dw_cpu.cpp.
   m.def("pack(Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias) -> Tensor");
   m.def(
       "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
-      "int[2] padding, int[2] dilation, int mid_act, int out_act) -> Tensor");
+      "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");
   // The 1x1 convolutions around fused layers (inference, CPU): y = act(conv1x1(x, weight, stride)
   // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
   m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");

@@ -103,6 +103,12 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, mid_bias=True)
     out = bsconv_fast.pw_dw(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2)
     assert_close_to_reference(out, ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2), cin + 25, str(case))
+    # the packed op with a residual added before out_act
+    r = torch.randn_like(out)
+    packed = torch.ops.bsconv_fast.pw_dw_packed(x, torch.ops.bsconv_fast.pack(pw, dw, mb, b), cout, list(dw.shape[2:]),
+                                                list(pr(s)), list(pr(p)), list(pr(d)), 3, 1, r)
+    want = torch.relu(ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 0) + r.double())
+    assert_close_to_reference(packed, want, cin + 25, "residual " + str(case))
     # the 1x1 op on the same micro-kernel, with a residual and a channel tail
     y = torch.randn(n, cout, (h - 1) // pr(s)[0] + 1, (w - 1) // pr(s)[1] + 1)
     pw_out = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), cout, list(pr(s)), 2, y)
@@ -139,6 +145,30 @@ def test_packed_op_matches_unpacked_and_validates():
         torch.ops.bsconv_fast.pw_dw_packed(x, packed, 32, [3, 5], *args)
     with pytest.raises(RuntimeError, match="dtype of x"):
         torch.ops.bsconv_fast.pw_dw_packed(x.double(), packed, 33, [3, 5], *args)
+
+
+@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[4], GRID[6], GRID[9], GRID[14]],
+                         ids=["k3", "k3s2", "k5s2", "k7s2", "rect", "wide"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_packed_residual_before_output_activation(case, memory_format):
+    """pw_dw_packed(..., residual): out_act(dw(...) + bias + residual), on the specialised 3x3 / 5x5
+    and the generic depthwise paths (ResNet units: the identity add and ReLU in the store)."""
+    n, cin, cout, h, w, k, s, p, d, bias = case
+    s, p, d = _pair(s), _pair(p), _pair(d)
+    x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, bias=bias, mid_bias=True)
+    x = x.contiguous(memory_format=memory_format)
+    before_act = ref64(x, pw, dw, mb, b, s, p, d, 2, 0)
+    residual = torch.randn(before_act.shape).contiguous(memory_format=memory_format)
+    packed = torch.ops.bsconv_fast.pack(pw, dw, mb, b)
+    out = torch.ops.bsconv_fast.pw_dw_packed(x, packed, cout, list(dw.shape[2:]), list(s), list(p), list(d), 2, 1,
+                                             residual)
+    kh, kw = dw.shape[2:]
+    assert_close_to_reference(out, torch.relu(before_act + residual.double()), cin + kh * kw, str(case))
+    torch.library.opcheck(torch.ops.bsconv_fast.pw_dw_packed.default,
+                          (x, packed, cout, list(dw.shape[2:]), list(s), list(p), list(d), 2, 1, residual))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        torch.ops.bsconv_fast.pw_dw_packed(x, packed, cout, list(dw.shape[2:]), list(s), list(p), list(d), 2, 1,
+                                           residual[:, 1:])
 
 
 def test_large_output_streaming_stores():

@@ -135,3 +135,20 @@ def test_blocks_become_one_module_with_the_skip_in_the_store(name, inverted, uni
     with torch.no_grad():
         want = copy.deepcopy(model).double()(x.double())
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_fused_layer_residual_fast_and_autograd_paths_agree():
+    layer = bsconv_fast.BSConvU(6, 10, 3, padding=1, bias=True).eval()
+    fast = bsconv_fast.optimize(layer, channels_last=False)
+    fast.out_act = bsconv_fast.ACTIVATIONS["relu"]
+    x, r = torch.randn(2, 6, 9, 7), torch.randn(2, 10, 9, 7)
+    with torch.inference_mode():
+        packed = fast(x, r)
+    r.requires_grad_()
+    differentiable = fast(x, r)
+    differentiable.sum().backward()
+    want = torch.relu(bsconv_fast.reference.pw_dw(x.double(), fast.pw_weight.double(), fast.dw_weight.double(), None,
+                                                  fast.bias.double(), 1, 1, 1) + r.detach().double())
+    assert_close_to_reference(packed, want, 6 + 9, "packed")
+    assert_close_to_reference(differentiable.detach(), want, 6 + 9, "autograd")
+    assert torch.equal(r.grad, (want > 0).float())

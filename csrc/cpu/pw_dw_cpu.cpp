@@ -67,6 +67,7 @@ struct Operands {
   const T* dw;  // [KH * KW, Cp]
   const T* b2;  // [Cp]
   T* y;         // [N, OH, OW, Cout]
+  const T* res;  // [N, OH, OW, Cout], added before the output activation; nullptr: none
 };
 
 // Which kernel columns of output pixel `ow` land inside the input row.
@@ -131,6 +132,7 @@ struct ScalarKernels {
             acc += rows[kh][(iw0 + kw * g.dw) * cg + (c - c0)] * o.dw[(kh * g.KW + kw) * g.Cp + c];
           }
         }
+        if (o.res != nullptr) acc += o.res[yp - o.y + c];
         yp[c] = act_scalar(acc, g.out_act);
       }
     }
@@ -487,12 +489,30 @@ Geometry make_geometry(const at::Tensor& x, int64_t Cout, at::IntArrayRef kernel
   return g;
 }
 
+// The residual as the kernels read it (channels_last, the output's shape and dtype), or undefined.
+at::Tensor residual_operand(const c10::optional<at::Tensor>& residual, const at::Tensor& y, const char* op) {
+  if (!residual.has_value()) return at::Tensor();
+  TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == y.scalar_type() &&
+                  residual->device() == y.device(),
+              "bsconv_fast::", op, ": residual must have the output's shape ", y.sizes(), ", dtype ",
+              y.scalar_type(), " and device, got ", residual->sizes(), " ", residual->scalar_type(), " ",
+              residual->device());
+  return residual->contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // Run the kernels on packed weights; the output keeps the input's memory format.
-at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Geometry& g) {
+at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Geometry& g,
+                      const c10::optional<at::Tensor>& residual = c10::nullopt) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x_in.scalar_type());
   const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor res = residual_operand(residual, y, "pw_dw_packed");
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (g.N > 0 && g.Cout > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -500,7 +520,8 @@ at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Ge
       const scalar_t* pw = packed.data_ptr<scalar_t>();
       const scalar_t* dw = pw + g.Cp * g.Cin;
       const scalar_t* b1 = dw + g.KH * g.KW * g.Cp;
-      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw, b1, dw, b1 + g.Cp, y.data_ptr<scalar_t>()};
+      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw, b1, dw, b1 + g.Cp, y.data_ptr<scalar_t>(),
+                           data_or_null<scalar_t>(res)};
       run_best(g, o);
     });
   }
@@ -528,7 +549,8 @@ at::Tensor pack_cpu(const at::Tensor& pw_weight, const at::Tensor& dw_weight,
 
 at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t mid_act, int64_t out_act) {
+                            at::IntArrayRef dilation, int64_t mid_act, int64_t out_act,
+                            const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4, "bsconv_fast::pw_dw_packed: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::pw_dw_packed: bad kernel ", kernel);
   TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::pw_dw_packed: bad stride ", stride);
@@ -545,7 +567,7 @@ at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64
   TORCH_CHECK(packed.numel() == packed_numel(g.Cin, g.Cp, g.KH * g.KW), "bsconv_fast::pw_dw_packed: packed has ",
               packed.numel(), " elements, not what bsconv_fast::pack gives for ", g.Cin, " input channels, ",
               out_channels, " output channels and a ", g.KH, "x", g.KW, " kernel");
-  return run_packed(x, packed, g);
+  return run_packed(x, packed, g, residual);
 }
 
 at::Tensor pack_pw_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -586,20 +608,14 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
               "bsconv_fast::pw_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for ", g.Cin,
               " input and ", out_channels, " output channels, with the dtype of x");
   auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor res;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == x_in.scalar_type(),
-                "bsconv_fast::pw_packed: residual must have the output's shape ", y.sizes(), " and dtype ",
-                x_in.scalar_type(), ", got ", residual->sizes(), " ", residual->scalar_type());
-    res = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  const at::Tensor res = residual_operand(residual, y, "pw_packed");
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (y.numel() > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_cpu", [&] {
       const scalar_t* w = packed.data_ptr<scalar_t>();
       run_pw_best(g, PwOperands<scalar_t>{x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin,
-                                          res.defined() ? res.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>()});
+                                          data_or_null<scalar_t>(res), y.data_ptr<scalar_t>()});
     });
   }
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();

@@ -160,6 +160,13 @@ struct Kernels {
     dw_row_generic(g, o, rows, n, oh, c0, cg, 0, g.OW);
   }
 
+  // Depthwise result for channels [cc, cc + kLanes) at output offset `off`: + residual, act, store.
+  BSCONV_TARGET __attribute__((always_inline)) static void store_out(const Geometry& g, const Operands<float>& o,
+                                                                    int64_t off, VReg acc, int64_t cc) {
+    if (o.res != nullptr) acc = vadd(acc, vload_first(o.res + off, std::min<int64_t>(g.Cout - cc, kLanes)));
+    store_act(o.y + off, acc, g.Cout - cc, g.out_act, g.stream_out);
+  }
+
   // Output pixels [ow0, ow1) of one row, any kernel size; taps outside the input are skipped.
   BSCONV_TARGET static void dw_row_generic(const Geometry& g, const Operands<float>& o, const float* const* rows,
                                            int64_t n, int64_t oh, int64_t c0, int64_t cg, int64_t ow0,
@@ -168,7 +175,7 @@ struct Kernels {
       int64_t kw_lo, kw_hi;
       valid_taps(g, ow, &kw_lo, &kw_hi);
       const int64_t iw0 = ow * g.sw - g.pw;
-      float* yp = o.y + ((n * g.OH + oh) * g.OW + ow) * g.Cout;
+      const int64_t yoff = ((n * g.OH + oh) * g.OW + ow) * g.Cout;
       for (int64_t c = 0; c < cg; c += kLanes) {
         const int64_t cc = c0 + c;
         if (cc >= g.Cout) break;  // padded channels are never stored
@@ -181,7 +188,7 @@ struct Kernels {
             acc = vfma(vload(row + (iw0 + kw * g.dw) * cg + c), vload(wk + kw * g.Cp), acc);
           }
         }
-        store_act(yp + cc, acc, g.Cout - cc, g.out_act, g.stream_out);
+        store_out(g, o, yoff + cc, acc, cc);
       }
     }
   }
@@ -201,7 +208,7 @@ struct Kernels {
     if (lo >= hi) return;
     bool present[KH];
     for (int kh = 0; kh < KH; ++kh) present[kh] = rows[kh] != nullptr;
-    float* ybase = o.y + ((n * g.OH + oh) * g.OW) * g.Cout;
+    const int64_t ybase = ((n * g.OH + oh) * g.OW) * g.Cout;
     for (int64_t c = 0; c < cg; c += kLanes) {
       const int64_t cc = c0 + c;
       if (cc >= g.Cout) break;
@@ -228,11 +235,11 @@ struct Kernels {
             a3 = vfma(vload(q + 3 * px), wt, a3);
           }
         }
-        float* yp = ybase + ow * g.Cout + cc;
-        store_act(yp, a0, g.Cout - cc, g.out_act, g.stream_out);
-        store_act(yp + g.Cout, a1, g.Cout - cc, g.out_act, g.stream_out);
-        store_act(yp + 2 * g.Cout, a2, g.Cout - cc, g.out_act, g.stream_out);
-        store_act(yp + 3 * g.Cout, a3, g.Cout - cc, g.out_act, g.stream_out);
+        const int64_t yoff = ybase + ow * g.Cout + cc;
+        store_out(g, o, yoff, a0, cc);
+        store_out(g, o, yoff + g.Cout, a1, cc);
+        store_out(g, o, yoff + 2 * g.Cout, a2, cc);
+        store_out(g, o, yoff + 3 * g.Cout, a3, cc);
       }
       for (; ow < hi; ++ow) {
         VReg acc = bias;
@@ -241,7 +248,7 @@ struct Kernels {
           const float* p = src[kh] + (ow - lo) * px;
           for (int kw = 0; kw < KW; ++kw) acc = vfma(vload(p + kw * g.dw * cg), w[kh * KW + kw], acc);
         }
-        store_act(ybase + ow * g.Cout + cc, acc, g.Cout - cc, g.out_act, g.stream_out);
+        store_out(g, o, ybase + ow * g.Cout + cc, acc, cc);
       }
     }
   }
