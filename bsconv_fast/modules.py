@@ -59,15 +59,18 @@ class PackedInference:
 
     def _packed_weights(self):
         tensors = self._source_tensors()
+        cached = self.__dict__.get("_bsconv_fast_packed")
+        # Hot path (every inference call): the same tensor objects, storages and version counters.
+        if cached is not None and len(cached[0]) == len(tensors) and all(
+                t is s and t._version == v and t.data_ptr() == p for t, (s, v, p) in zip(tensors, cached[0])):
+            return cached[1]
+        with torch.no_grad():
+            packed = self._pack()
         # Inference tensors (made under inference_mode) carry no version counter, so an in-place
         # update could not be seen: never serve them from the cache.
-        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version) for t in tensors)
-        cached = self.__dict__.get("_bsconv_fast_packed")
-        if key is None or cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self._pack())
-            self.__dict__["_bsconv_fast_packed"] = cached
-        return cached[1]
+        if not any(t.is_inference() for t in tensors):
+            self.__dict__["_bsconv_fast_packed"] = (tuple((t, t._version, t.data_ptr()) for t in tensors), packed)
+        return packed
 
 
 class _FusedSequential(PackedInference, nn.Sequential):

@@ -59,7 +59,8 @@ class FusedPwDw(PackedInference, nn.Module):
         return self.pw_weight, self.dw_weight, self.mid_bias, self.bias
 
     def _source_tensors(self):
-        return [t for t in self._operands() if t is not None]
+        b = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per call on the hot path
+        return [t for t in (b["pw_weight"], b["dw_weight"], b["mid_bias"], b["bias"]) if t is not None]
 
     def _trainable(self):
         return False  # folded buffers; gradients can still flow to the input
@@ -83,8 +84,9 @@ class FusedPwDw(PackedInference, nn.Module):
 
     def forward(self, x, residual=None):
         """`residual` (the output's shape) is added before the output activation."""
-        if self.prefix is not None:
-            x = self.prefix(x)
+        prefix = self._modules.get("prefix")  # None lives in __dict__; nn.Module.__getattr__ is slow here
+        if prefix is not None:
+            x = prefix(x)
         plan = self._inference_plan(x)
         if plan is not None and (residual is None or not (torch.is_grad_enabled() and residual.requires_grad)):
             return torch.ops.bsconv_fast.pw_dw_packed(x, self._packed_weights(), *plan, residual)
@@ -116,22 +118,33 @@ class FusedPointwise(PackedInference, nn.Module):
         return cls(weight, bias, conv.stride, act)
 
     def _source_tensors(self):
-        return [t for t in (self.weight, self.bias) if t is not None]
+        b = self._buffers
+        return [t for t in (b["weight"], b["bias"]) if t is not None]
 
     def _pack(self):
         return torch.ops.bsconv_fast.pack_pw(self.weight, self.bias)
 
     def _why_not_fused(self, x, residual):
-        if not _ext.available():
-            return "the C++ extension is not loaded"
-        if x.device.type != "cpu" or self.weight.device.type != "cpu":
-            return "pw_packed is CPU-only"
-        if x.dtype not in (torch.float32, torch.float64) or x.dtype != self.weight.dtype:
-            return f"dtype {x.dtype} (needs float32/float64, the weight's dtype {self.weight.dtype})"
+        """'' when pw_packed runs, else why the standard ops do (static reasons cached per signature)."""
         if torch.compiler.is_compiling():
             return "torch.compile traces the standard ops"
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
             return "autograd needs the standard ops"
+        w = self._buffers["weight"]
+        key = (x.dtype, x.device, w.dtype, w.device)
+        reasons = self.__dict__.setdefault("_bsconv_fast_reasons", {})
+        if key not in reasons:
+            reasons[key] = self._static_reason(x.dtype, x.device, w)
+        return reasons[key]
+
+    @staticmethod
+    def _static_reason(dtype, device, weight):
+        if not _ext.available():
+            return "the C++ extension is not loaded"
+        if device.type != "cpu" or weight.device.type != "cpu":
+            return "pw_packed is CPU-only"
+        if dtype not in (torch.float32, torch.float64) or dtype != weight.dtype:
+            return f"dtype {dtype} (needs float32/float64, the weight's dtype {weight.dtype})"
         return ""
 
     def choice(self, x, residual=None):
@@ -140,8 +153,8 @@ class FusedPointwise(PackedInference, nn.Module):
 
     def forward(self, x, residual=None):
         if not self._why_not_fused(x, residual):
-            return torch.ops.bsconv_fast.pw_packed(x, self._packed_weights(), self.weight.shape[0], list(self.stride),
-                                                   self.act, residual)
+            return torch.ops.bsconv_fast.pw_packed(x, self._packed_weights(), self._buffers["weight"].shape[0],
+                                                   list(self.stride), self.act, residual)
         y = F.conv2d(x, self.weight, self.bias, self.stride)
         return reference.activation(y if residual is None else y + residual, self.act)
 

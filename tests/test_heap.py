@@ -9,17 +9,17 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# A chain of activations of growing then shrinking size, each freed when the next exists, like a
-# forward pass; prints the minor page faults per "forward" after three warm-up passes.
+# Per "forward", three 30 MiB activations alive at once, then all freed (90 MiB back at the top of
+# the heap, more than twice glibc's adaptive mmap threshold, so by default it is trimmed and touched
+# afresh every time); prints the minor page faults per forward after three warm-up passes.
 _SCRIPT = """
 import resource, sys, torch
 if sys.argv[1] == "tuned":
     import bsconv_fast.heap
     assert bsconv_fast.heap.tune_malloc() and bsconv_fast.heap.malloc_tuned()
 def forward():
-    t = torch.ones(1)
-    for mb in (1, 2, 4, 8, 16, 24, 12, 6, 3):
-        t = torch.empty(mb << 18).fill_(1.0)
+    alive = [torch.empty(30 << 18).fill_(1.0) for _ in range(3)]
+    del alive
 for _ in range(3):
     forward()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -38,8 +38,8 @@ def _faults_per_forward(mode):
 
 def test_tuned_heap_does_not_page_fault_again():
     default, tuned = _faults_per_forward("default"), _faults_per_forward("tuned")
-    # 76 MiB touched per pass: glibc's adaptive thresholds hand much of it back every time
-    assert default > 1000, default
+    assert default > 1000, default  # measured 1,536-7,680 per forward on the project machine
+
     assert tuned < 50, tuned
 
 
