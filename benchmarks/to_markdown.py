@@ -6,7 +6,7 @@ import json
 import sys
 
 COLUMNS = [("case", "case"), ("backend", "backend"), ("eager-cl_ms", "eager-cl ms"), ("eager-clx_ms", "eager-clx ms"),
-           ("ort_ms", "ORT ms"), ("fused_ms", "fused ms"), ("speedup", "vs eager"), ("vs_ort", "vs ORT"),
+           ("ort_ms", "ORT ms"), ("ort-spin_ms", "ORT spin ms"), ("fused_ms", "fused ms"), ("speedup", "vs eager"), ("vs_ort", "vs ORT"),
            ("fused_gflops", "GFLOP/s"), ("peak_pct", "% peak"), ("err_max_abs", "max abs err")]
 
 
@@ -23,8 +23,10 @@ def cell(key, value):
 def render(data):
     keys = [(k, h) for k, h in COLUMNS if any(k in r for r in data["rows"])]
     lines = [f"## suite `{data['suite']}` — {data['threads']} thread(s)", "",
-             f"{data['machine']}; commit {data['commit']}; {data['date']}; median of {data['reps']} runs", ""]
-    summary = {k: v for k, v in data.items() if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps")}
+             f"{data['machine']}; commit {data['commit']}; {data['date']}; median of {data['reps']} runs"
+             f" in turns of {data.get('block', 5)} calls", ""]
+    summary = {k: v for k, v in data.items()
+               if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps", "block")}
     lines.append("summary: " + ", ".join(f"{k} = {v:.2f}" for k, v in summary.items()))
     lines += ["", "| " + " | ".join(h for _, h in keys) + " |", "|" + "---|" * len(keys)]
     for r in data["rows"]:

@@ -124,27 +124,32 @@ def eager_peers(ref, x):
     return {"eager-cl": lambda: converted(xc), "eager-clx": lambda: ref(xc)}
 
 
-def ort_peer(ref, x):
-    """ONNX Runtime (CPU provider, this process's thread count) on the unpatched model, or None."""
+def ort_peers(ref, x):
+    """ONNX Runtime (CPU provider, this process's thread count) on the unpatched model, twice:
+    `ort` with intra-op spinning off (its idle threads then do not steal the cores from the next
+    contender) and `ort-spin` with ONNX Runtime's default spinning on. Empty without onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None
+        return {}
     import tempfile
     path = os.path.join(tempfile.mkdtemp(prefix="bsconv_fast_bench_"), "model.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(ref, (x,), path, dynamo=False, opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not steal the cores
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
+    peers = {}
+    for name, spinning in (("ort", "0"), ("ort-spin", "1")):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        peers[name] = lambda session=session, feed=feed: session.run(None, feed)
+    return peers
 
 
-def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None):
+def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None, block=5):
     peers = {**eager_peers(ref, x), **(extra_peers or {})}
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -152,7 +157,7 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None)
         got = fused(xc)
         err = (got.double() - want).abs().max().item()
         rel = ((got.double() - want).norm() / want.norm()).item()
-        times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup)
+        times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup, block)
     report = bsconv_fast.profile(ref, prof_input)  # paper-convention counts of the model as published
     backends = bsconv_fast.explain(fused, xc).backends()
     backend = ",".join(sorted(set(backends.values()))) or "-"
@@ -162,13 +167,13 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None)
         row[name + "_ms"] = t * 1e3
     row["fused_ms"] = times[-1] * 1e3
     row["speedup"] = min(t for (name, _), t in zip(peers.items(), times) if name.startswith("eager")) / times[-1]
-    if "ort" in peers:
-        row["vs_ort"] = row["ort_ms"] / row["fused_ms"]
+    if "ort" in peers:  # against the faster ONNX Runtime setting
+        row["vs_ort"] = min(row["ort_ms"], row.get("ort-spin_ms", float("inf"))) / row["fused_ms"]
     row["fused_gflops"] = 2 * report.total_macs / times[-1] / 1e9
     return row
 
 
-def run_layers(batches, reps, warmup, peak_gflops=None):
+def run_layers(batches, reps, warmup, peak_gflops=None, block=5):
     rows = []
     for key, src in layer_configs():
         cin, cout, h, w, k, s = key[:6]
@@ -177,7 +182,7 @@ def run_layers(batches, reps, warmup, peak_gflops=None):
         for batch in batches:
             x = torch.randn(batch, cin, h, w)
             label = f"{cin}->{cout} @{h} k{k[0]} s{s[0]} b{batch}"
-            rows.append(bench_case(label, ref, fused, x, reps, warmup, (batch, cin, h, w)))
+            rows.append(bench_case(label, ref, fused, x, reps, warmup, (batch, cin, h, w), block=block))
             if peak_gflops:
                 rows[-1]["peak_pct"] = 100 * rows[-1]["fused_gflops"] / peak_gflops
             print(format_row(rows[-1]), flush=True)
@@ -194,7 +199,7 @@ def randomize_bn(model):
             m.bias.data.uniform_(-0.2, 0.2)
 
 
-def run_models(names, batch, reps, warmup, with_ort):
+def run_models(names, batch, reps, warmup, with_ort, block=5):
     B = official()
     rows = []
     for name in names:
@@ -204,9 +209,8 @@ def run_models(names, batch, reps, warmup, with_ort):
         size = 32 if name.startswith("cifar") else 224
         fused = bsconv_fast.optimize(ref, tune_malloc=heap.malloc_tuned())
         x = torch.randn(batch, 3, size, size)
-        extra = {"ort": ort_peer(ref, x)} if with_ort else {}
-        extra = {k: v for k, v in extra.items() if v is not None}
-        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra))
+        extra = ort_peers(ref, x) if with_ort else {}
+        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra, block))
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -222,7 +226,7 @@ def gemm_peak_gflops(reps=20):
             "peak_gflops": max(flops / t_mm, flops / t_conv) / 1e9}
 
 
-COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "ort_ms", "fused_ms", "speedup", "vs_ort",
+COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "ort_ms", "ort-spin_ms", "fused_ms", "speedup", "vs_ort",
            "fused_gflops", "peak_pct", "params", "flops", "err_max_abs", "err_rel")
 
 
@@ -259,6 +263,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all)")
     parser.add_argument("--reps", type=int, default=50, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    parser.add_argument("--block", type=int, default=5,
+                        help="timed calls per turn (default 5); --block equal to --reps times each contender alone, "
+                             "with warm caches and thread pools, instead of taking turns")
     parser.add_argument("--json", dest="json_path", default=None, help="write rows and machine info here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="CPU suites: leave glibc's heap thresholds alone (default: bsconv_fast.heap.tune_malloc() "
@@ -272,10 +279,10 @@ def main(argv=None):
     if args.device == "cpu" and not args.default_malloc:
         heap.tune_malloc()
     header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps}
+              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps, "block": args.block}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
-    print(f"# median of {args.reps} interleaved runs after {args.warmup} warm-up; speedup = min(eager) / fused; "
-          "vs_ort = ort / fused")
+    print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up; speedup = min(eager) / fused; "
+          "vs_ort = min(ort, ort-spin) / fused")
     print(" | ".join(COLUMNS))
     summary = {}
     if args.suite == "gpu-layers":
@@ -287,16 +294,16 @@ def main(argv=None):
         print(f"# measured GEMM peak {summary['peak_gflops']:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
               f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
     if args.suite == "default":
-        rows = run_layers([args.batch], args.reps, args.warmup, summary["peak_gflops"])
-        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, with_ort=False)
+        rows = run_layers([args.batch], args.reps, args.warmup, summary["peak_gflops"], args.block)
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, False, args.block)
     elif args.suite == "cpu-layers":
-        rows = run_layers([1, 8], args.reps, args.warmup, summary["peak_gflops"])
+        rows = run_layers([1, 8], args.reps, args.warmup, summary["peak_gflops"], args.block)
         for batch in (1, 8):
             sel = [r["speedup"] for r in rows if r["case"].endswith(f"b{batch}")]
             summary[f"geomean_speedup_b{batch}"] = geomean(sel)
             print(f"# batch {batch}: geometric-mean speedup {geomean(sel):.2f}x, slowest {min(sel):.2f}x")
     else:
-        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, with_ort=True)
+        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, True, args.block)
     speedups = [r["speedup"] for r in rows]
     summary.update({"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)})
     print(f"# geometric-mean speedup vs eager {summary['geomean_speedup']:.2f}x, "

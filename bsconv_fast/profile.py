@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedPwDw
+from bsconv_fast.optimize import FusedPointwise, FusedPwDw
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -45,6 +45,15 @@ def _leaf_counts(module, x, y):
     if isinstance(module, _POOLS):
         return x.numel(), 0
     return 0, 0
+
+
+def _pointwise_counts(module, args, y):
+    """(paper flops, macs, params) of an optimize()d FusedPointwise: the 1x1 conv, its bias, the
+    residual add and the activation (one FLOP per element each, as for FusedPwDw)."""
+    flops, macs = _conv_counts(module.weight, module.bias, y[:, 0].numel(), y.numel())
+    has_residual = len(args) > 1 and args[1] is not None
+    flops += (y.numel() if has_residual else 0) + (y.numel() if module.act else 0)
+    return flops, macs, sum(t.numel() for t in (module.weight, module.bias) if t is not None)
 
 
 def _optimized_counts(module, x, y):
@@ -108,6 +117,8 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
             if isinstance(module, FUSED):
                 x = _tail_input(module, x)
                 flops, macs, params = _fused_counts(module, x, out)
+            elif isinstance(module, FusedPointwise):
+                flops, macs, params = _pointwise_counts(module, args, out)
             else:
                 (flops, macs), params = _leaf_counts(module, x, out), _count_params([module])
             esize = out.element_size()
@@ -131,7 +142,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
 
 def _tail_input(module, x):
     """Shape-only stand-in for the input of the fused tail (after BSConv-S's first 1x1)."""
-    first = module.pw1 if isinstance(module, BSConvS) else getattr(module, "prefix", None)
+    first = module.pw1.weight if isinstance(module, BSConvS) else getattr(getattr(module, "prefix", None), "weight", None)
     if first is not None:
-        return x.new_empty((x.shape[0], first.out_channels) + tuple(x.shape[2:]))
+        return x.new_empty((x.shape[0], first.shape[0]) + tuple(x.shape[2:]))
     return x

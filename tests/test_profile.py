@@ -38,3 +38,15 @@ def test_fused_layer_bytes_exclude_the_intermediate():
     assert row["macs"] == 56 * 56 * (32 * 64 + 64 * 9)
     assert report.total_real_flops == 2 * row["macs"]
     assert "(Total)" in str(report)
+
+
+@pytest.mark.parametrize("name", ["cifar_mobilenetv2_w1d4_bsconvs_p1d6", "cifar_resnet20_bsconvu",
+                                  "cifar_wrn16_1_bsconvs_p1d4", "cifar_mobilenetv3_small_w7d20_bsconvs_p1d6"])
+def test_optimized_model_counts_the_same_multiply_adds(name):
+    """BN folding and fusion change no multiply-add: profile(optimize(model)) counts every 1x1 the
+    rewrite moved into FusedPointwise / InvertedResidual / ResidualUnit (and BSConv-S prefixes)."""
+    model = B.get_model(name, num_classes=10).eval()
+    want = bsconv_fast.profile(model, (1, 3, 32, 32))
+    got = bsconv_fast.profile(bsconv_fast.optimize(model), (1, 3, 32, 32))
+    assert got.total_macs == want.total_macs
+    assert got.total_params <= want.total_params  # folded BatchNorms leave no parameters of their own
