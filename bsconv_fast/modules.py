@@ -10,15 +10,21 @@ import torch.nn as nn
 from bsconv_fast import dispatch, functional
 
 
-def fold_bn(weight, bn, bias=None):
-    """Fold an eval-mode BatchNorm that follows a conv (any groups; `bias` is the conv's, if any):
-    returns the scaled weight and the bias that together replace conv + BN."""
+def bn_affine(bn):
+    """An eval-mode BatchNorm as y = x * scale + shift (per channel): (scale, shift)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
+    return scale, shift
+
+
+def fold_bn(weight, bn, bias=None):
+    """Fold an eval-mode BatchNorm that follows a conv (any groups; `bias` is the conv's, if any):
+    returns the scaled weight and the bias that together replace conv + BN."""
+    scale, shift = bn_affine(bn)
     if bias is not None:
         shift = shift + bias * scale
     return weight * scale.view(-1, 1, 1, 1), shift

@@ -71,6 +71,18 @@ if _ext.available():
     def _pw_packed_fake(x, packed, out_channels, stride, act, residual):
         return empty_output(x, out_shape(x, out_channels, (1, 1), stride, (0, 0), (1, 1)))
 
+    @torch.library.register_fake("bsconv_fast::channel_affine")
+    def _channel_affine_fake(x, scale, shift):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("bsconv_fast::max_pool")
+    def _max_pool_fake(x, kernel, stride, padding):
+        return empty_output(x, out_shape(x, x.shape[1], kernel, stride, padding, (1, 1)))
+
+    @torch.library.register_fake("bsconv_fast::global_avg_pool")
+    def _global_avg_pool_fake(x):
+        return x.new_empty((x.shape[0], x.shape[1], 1, 1))
+
     def _setup_context(ctx, inputs, output):
         x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act = inputs
         ctx.save_for_backward(x, pw_weight, dw_weight, mid_bias, bias)

@@ -12,7 +12,11 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
     micro-kernel): inverted-residual projections take the skip connection in their store
     (InvertedResidual), ResNet units with a projection shortcut add the body's output and apply the
     ReLU in the shortcut's store (ResidualUnit), 1x1 heads and classifiers get their BN and act fused.
-  * Remaining ConvBlocks (plain conv -> BN -> act): the BN folds into the conv's bias.
+  * Remaining ConvBlocks (plain conv -> BN -> act, the stems): the BN folds into the conv's bias, the
+    activation runs in place.
+  * The memory-bound layers around them run bsconv_fast CPU ops (bsconv_fast.glue): a BatchNorm on
+    its own (data_bn on the image) as one channels_last affine pass, max pooling, global average
+    pooling, and squeeze-excitation units (pool, 1x1 + act, 1x1, gate, scale).
 """
 import copy
 
@@ -21,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsconv_fast import _ext, dispatch, functional, heap, reference
+from bsconv_fast.glue import SE_GATES, Activation, GlobalAvgPool, InputAffine, MaxPool, SqueezeExcite, cpu_op_reason
 from bsconv_fast.modules import BSConvS, BSConvU, PackedInference, bn_uses_batch_stats, fold_bn
 from bsconv_fast.patching import patch
 
@@ -124,35 +129,12 @@ class FusedPointwise(PackedInference, nn.Module):
     def _pack(self):
         return torch.ops.bsconv_fast.pack_pw(self.weight, self.bias)
 
-    def _why_not_fused(self, x, residual):
-        """'' when pw_packed runs, else why the standard ops do (static reasons cached per signature)."""
-        if torch.compiler.is_compiling():
-            return "torch.compile traces the standard ops"
-        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
-            return "autograd needs the standard ops"
-        w = self._buffers["weight"]
-        key = (x.dtype, x.device, w.dtype, w.device)
-        reasons = self.__dict__.setdefault("_bsconv_fast_reasons", {})
-        if key not in reasons:
-            reasons[key] = self._static_reason(x.dtype, x.device, w)
-        return reasons[key]
-
-    @staticmethod
-    def _static_reason(dtype, device, weight):
-        if not _ext.available():
-            return "the C++ extension is not loaded"
-        if device.type != "cpu" or weight.device.type != "cpu":
-            return "pw_packed is CPU-only"
-        if dtype not in (torch.float32, torch.float64) or dtype != weight.dtype:
-            return f"dtype {dtype} (needs float32/float64, the weight's dtype {weight.dtype})"
-        return ""
-
     def choice(self, x, residual=None):
-        reason = self._why_not_fused(x, residual)
+        reason = cpu_op_reason(x, self._buffers["weight"], residual)
         return ("reference", reason) if reason else (f"cpu-pointwise ({_ext.cpu_kernel_isa()})", "")
 
     def forward(self, x, residual=None):
-        if not self._why_not_fused(x, residual):
+        if not cpu_op_reason(x, self._buffers["weight"], residual):
             return torch.ops.bsconv_fast.pw_packed(x, self._packed_weights(), self._buffers["weight"].shape[0],
                                                    list(self.stride), self.act, residual)
         y = F.conv2d(x, self.weight, self.bias, self.stride)
@@ -268,7 +250,10 @@ def fold_conv_block(block):
     folded = copy.deepcopy(conv)
     folded.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     folded.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return nn.Sequential(folded, act) if act is not None else folded
+    if act is None:
+        return folded
+    code = activation_code(act)
+    return nn.Sequential(folded, Activation(code) if code > 0 else act)
 
 
 def rewrite_linear_bottleneck(block):
@@ -277,10 +262,23 @@ def rewrite_linear_bottleneck(block):
     project = pointwise_from_block(block.conv3) if _is_conv_block(block.conv3) else None
     if fused is None or project is None or (block.use_res_skip and project.act != 0):
         return None  # an activation before the skip add cannot go into the store
-    se = block.se_unit if block.use_se else None
-    if se is not None:
-        _rewrite(se)
+    se = None
+    if block.use_se:
+        se = rewrite_se_unit(block.se_unit)
+        if se is None:
+            se = block.se_unit
+            _rewrite(se)
     return InvertedResidual(fused, se, project, block.use_res_skip)
+
+
+def rewrite_se_unit(unit):
+    """SqueezeExcite for an official SEUnit (pool -> 1x1 -> act -> 1x1 -> gate, then x * gate), or None."""
+    code = activation_code(unit.activation1)
+    gate = SE_GATES.get(type(unit.activation2).__name__)
+    if (not GlobalAvgPool.supports(unit.pool) or not FusedPointwise.supports(unit.conv1)
+            or not FusedPointwise.supports(unit.conv2) or code < 0 or gate is None):
+        return None
+    return SqueezeExcite(FusedPointwise.from_conv(unit.conv1, act=code), FusedPointwise.from_conv(unit.conv2), gate)
 
 
 def rewrite_standard_unit(unit):
@@ -320,6 +318,8 @@ def _rewrite(module):
                     count += 1
         elif kind == "StandardUnit" and hasattr(child, "conv1") and hasattr(child, "relu"):
             new = rewrite_standard_unit(child)
+        elif kind == "SEUnit" and hasattr(child, "conv1") and hasattr(child, "activation2"):
+            new = rewrite_se_unit(child)
         elif _is_conv_block(child) and isinstance(child.conv, (BSConvU, BSConvS)):
             new = fuse_bsconv(*_block_parts(child))
         elif isinstance(child, nn.Sequential) and len(child) in (2, 3) and isinstance(child[0], (BSConvU, BSConvS)) \
@@ -333,12 +333,25 @@ def _rewrite(module):
             new = fold_conv_block(child)
         elif FusedPointwise.supports(child):
             new = FusedPointwise.from_conv(child)
+        elif type(child) is nn.BatchNorm2d and not bn_uses_batch_stats(child):
+            new = InputAffine.from_bn(child)  # a BN on its own (the official models' data_bn)
+        elif MaxPool.supports(child):
+            new = MaxPool.from_pool(child)
+        elif GlobalAvgPool.supports(child):
+            new = GlobalAvgPool()
         if new is not None:
             module._modules[name] = new
             count += sum(isinstance(m, FusedPwDw) for m in new.modules())
         else:
             count += _rewrite(child)
     return count
+
+
+def _first_leaf(module):
+    """The first module without children in registration order (the official models' data_bn)."""
+    while module._modules:
+        module = next(iter(module._modules.values()))
+    return module
 
 
 def _to_channels_last(module, args):
@@ -360,11 +373,12 @@ def optimize(model, channels_last=True, tune_malloc=True, verbose=False):
     for p in model.parameters():
         p.requires_grad_(False)
     model = patch(model)
-    fused = _rewrite(model)
-    if isinstance(model, (BSConvU, BSConvS)):
+    if isinstance(model, (BSConvU, BSConvS)):  # a single layer: fused whole, its children left as they are
         model = fuse_bsconv(model) or model
-        fused += isinstance(model, FusedPwDw)
-    if channels_last:
+        fused = int(isinstance(model, FusedPwDw))
+    else:
+        fused = _rewrite(model)
+    if channels_last and not isinstance(_first_leaf(model), InputAffine):  # that one writes channels_last itself
         model.register_forward_pre_hook(_to_channels_last)
     tuned = tune_malloc and heap.tune_malloc()
     object.__setattr__(model, "bsconv_fast_fused", fused)

@@ -1,5 +1,5 @@
 // Schema of the bsconv_fast operators, defined once. Backends register
-// implementations per dispatch key: csrc/cpu/pw_dw_cpu.cpp (CPU), Python
+// implementations per dispatch key: csrc/cpu/pw_dw_cpu.cpp and glue_cpu.cpp (CPU), Python
 // (Triton, CUDA key) and the fake/autograd registrations in bsconv_fast/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -47,4 +47,10 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
   m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");
   m.def("pw_packed(Tensor x, Tensor packed, int out_channels, int[2] stride, int act, Tensor? residual) -> Tensor");
+  // The memory-bound ops around them (inference, CPU; csrc/cpu/glue_cpu.cpp): y = x * scale[c] +
+  // shift[c] written channels_last (an eval BatchNorm on the network input), k x k max pooling, and
+  // the mean over H x W as an (N, C, 1, 1) tensor.
+  m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def("max_pool(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
+  m.def("global_avg_pool(Tensor x) -> Tensor");
 }

@@ -9,23 +9,28 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Per "forward", three 30 MiB activations alive at once, then all freed (90 MiB back at the top of
-# the heap, more than twice glibc's adaptive mmap threshold, so by default it is trimmed and touched
-# afresh every time); prints the minor page faults per forward after three warm-up passes.
+# The optimize()d official MobileNetV2 at batch 8 (224x224): prints the minor page faults per forward
+# after warm-up, the fewest of four rounds of five forwards (the kernel's own reclaim of idle pages,
+# DAMON on the project machine, now and then takes kept heap pages back, which is not what this
+# test is about). Measured on the project machine: 8,984 per forward with glibc's defaults, 0 tuned.
 _SCRIPT = """
 import resource, sys, torch
-if sys.argv[1] == "tuned":
-    import bsconv_fast.heap
-    assert bsconv_fast.heap.tune_malloc() and bsconv_fast.heap.malloc_tuned()
-def forward():
-    alive = [torch.empty(30 << 18).fill_(1.0) for _ in range(3)]
-    del alive
-for _ in range(3):
-    forward()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    forward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
+import bsconv.pytorch, bsconv_fast
+torch.set_num_threads(1)
+model = bsconv_fast.optimize(bsconv.pytorch.get_model("mobilenetv2_w1_bsconvs_p1d6", num_classes=10).eval(),
+                             tune_malloc=sys.argv[1] == "tuned")
+assert bsconv_fast.heap.malloc_tuned() == (sys.argv[1] == "tuned")
+x = torch.randn(8, 3, 224, 224)
+rounds = []
+with torch.inference_mode():
+    for _ in range(3):
+        model(x)
+    for _ in range(4):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            model(x)
+        rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
+print(min(rounds))
 """
 
 
@@ -37,9 +42,9 @@ def _faults_per_forward(mode):
 
 
 def test_tuned_heap_does_not_page_fault_again():
+    pytest.importorskip("bsconv.pytorch")
     default, tuned = _faults_per_forward("default"), _faults_per_forward("tuned")
-    assert default > 1000, default  # measured 1,536-7,680 per forward on the project machine
-
+    assert default > 1000, default
     assert tuned < 50, tuned
 
 

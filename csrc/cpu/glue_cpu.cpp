@@ -1,0 +1,238 @@
+// CPU implementations of the small memory-bound ops that optimize() puts around the fused layers:
+//   channel_affine   y = x * scale[c] + shift[c], written channels_last (the eval-mode BatchNorm on
+//                    a network's input; an NCHW input is transposed in the same pass)
+//   max_pool         k x k max pooling (the ResNet stem), NaN-propagating like torch.max_pool2d
+//   global_avg_pool  mean over H x W -> (N, C, 1, 1) (before classifiers, in squeeze-excitation)
+// They read and write channels_last, where the innermost loop runs over contiguous channels and
+// vectorises. Their float32 loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
+// loader picks one (target_clones); BSCONV_FAST_ISA does not apply to them.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "pw_dw_cpu.h"
+
+namespace bsconv_fast {
+namespace cpu {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BSCONV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BSCONV_CLONES
+#endif
+
+constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel chunk: below it one thread does it all
+
+void check_float(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, "bsconv_fast::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "bsconv_fast::", op,
+              " (CPU): supports float32 and float64, got ", x.scalar_type());
+}
+
+// A new output tensor, NaN-filled under BSCONV_FAST_POISON=1.
+at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto y = at::empty(sizes, options);
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  return y;
+}
+
+bool channels_last(const at::Tensor& x) { return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
+
+// ---------------------------------------------------------------- channel_affine
+// Channels-last input: the flat tensor is x * S + T with S, T repeating every C elements. The
+// loop runs over blocks of `period` elements (a multiple of C and of 16 floats) so that it
+// vectorises for any C, including the 3 channels of an image.
+template <typename T>
+BSCONV_CLONES void affine_periodic(const T* x, T* y, int64_t n, const T* s, const T* t, int64_t period) {
+  for (int64_t i = 0; i < n; i += period) {
+    const int64_t m = std::min(period, n - i);
+    for (int64_t j = 0; j < m; ++j) y[i + j] = x[i + j] * s[j] + t[j];
+  }
+}
+
+// NCHW input: channel planes [c][pixels] of pixels [p0, p1) into channels_last rows.
+template <typename T>
+void affine_transpose(const T* x, T* y, int64_t C, int64_t HW, int64_t p0, int64_t p1, const T* s, const T* t) {
+  constexpr int64_t kBlock = 256;  // pixels per block: the output block stays in L1 across channels
+  for (int64_t b = p0; b < p1; b += kBlock) {
+    const int64_t e = std::min(p1, b + kBlock);
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xc = x + c * HW;
+      for (int64_t p = b; p < e; ++p) y[p * C + c] = xc[p] * s[c] + t[c];
+    }
+  }
+}
+
+template <typename T>
+void channel_affine_impl(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, at::Tensor& y) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* s = scale.data_ptr<T>();
+  const T* t = shift.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  if (channels_last(x)) {
+    const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t period = C * (16 / std::gcd<int64_t>(C, 16));
+    std::vector<T> S(period), Tv(period);
+    for (int64_t j = 0; j < period; ++j) {
+      S[j] = s[j % C];
+      Tv[j] = t[j % C];
+    }
+    const T* xp = xc.data_ptr<T>();
+    const int64_t total = N * HW * C, blocks = (total + period - 1) / period;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / period), [&](int64_t b0, int64_t b1) {
+      const int64_t i0 = b0 * period, i1 = std::min(total, b1 * period);
+      affine_periodic<T>(xp + i0, yp + i0, i1 - i0, S.data(), Tv.data(), period);
+    });
+    return;
+  }
+  const at::Tensor xc = x.contiguous();
+  const T* xp = xc.data_ptr<T>();
+  at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElements / C), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1;) {  // q: flat pixel index over N x HW, split at image boundaries
+      const int64_t n = q / HW, p0 = q % HW, p1 = std::min(HW, p0 + (q1 - q));
+      affine_transpose<T>(xp + n * C * HW, yp + n * HW * C, C, HW, p0, p1, s, t);
+      q += p1 - p0;
+    }
+  });
+}
+
+at::Tensor channel_affine_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_float(x, "channel_affine");
+  const int64_t C = x.size(1);
+  for (const auto* v : {&scale, &shift}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == C && v->scalar_type() == x.scalar_type(),
+                "bsconv_fast::channel_affine: scale and shift must have shape (", C, ") and dtype ",
+                x.scalar_type(), ", got ", v->sizes(), " ", v->scalar_type());
+  }
+  auto y = output(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_channel_affine", [&] {
+    channel_affine_impl<scalar_t>(x, scale.contiguous(), shift.contiguous(), y);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------- max_pool
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;  // a NaN in the window wins, as in torch.max_pool2d
+}
+
+// The max over one output pixel's window, channels [0, CB): a compile-time block width lets the
+// running maxima stay in registers instead of going through memory on every tap.
+template <int64_t CB, typename T>
+inline void max_taps(const T* x, int64_t W, int64_t C, int64_t kh0, int64_t kh1, int64_t kw0, int64_t kw1, T* y,
+                     int64_t cb = CB) {
+  T acc[CB];
+  for (int64_t j = 0; j < CB; ++j) acc[j] = -std::numeric_limits<T>::infinity();
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    for (int64_t kw = kw0; kw < kw1; ++kw) {
+      const T* xp = x + (kh * W + kw) * C;
+      for (int64_t j = 0; j < CB; ++j) acc[j] = nan_max(acc[j], j < cb ? xp[j] : acc[j]);
+    }
+  }
+  for (int64_t j = 0; j < cb; ++j) y[j] = acc[j];
+}
+
+// One output row. x points at input pixel (oh * sh - ph, -pw), possibly outside the image: only
+// taps [kh0, kh1) and each pixel's valid columns are read.
+template <typename T>
+BSCONV_CLONES void max_pool_row(const T* x, int64_t W, int64_t C, int64_t KW, int64_t sw, int64_t pw, int64_t OW,
+                                int64_t kh0, int64_t kh1, T* y) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t ow = 0; ow < OW; ++ow, y += C) {
+    const int64_t iw0 = ow * sw - pw;
+    const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min(KW, W - iw0);
+    const T* xp = x + (ow * sw) * C;
+    int64_t c = 0;
+    for (; c + kBlock <= C; c += kBlock) max_taps<kBlock>(xp + c, W, C, kh0, kh1, kw0, kw1, y + c);
+    for (; c < C; c += 16) max_taps<16>(xp + c, W, C, kh0, kh1, kw0, kw1, y + c, std::min<int64_t>(16, C - c));
+  }
+}
+
+template <typename T>
+void max_pool_impl(const at::Tensor& x, at::Tensor& y, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
+                   int64_t pw) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = y.size(2), OW = y.size(3);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, N * OH, std::max<int64_t>(1, kGrainElements / (OW * C * KH * KW)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, ih0 = r % OH * sh - ph;
+      const int64_t kh0 = std::max<int64_t>(0, -ih0), kh1 = std::min(KH, H - ih0);
+      max_pool_row<T>(xp + ((n * H + ih0) * W - pw) * C, W, C, KW, sw, pw, OW, kh0, kh1, yp + r * OW * C);
+    }
+  });
+}
+
+at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_float(x_in, "max_pool");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "bsconv_fast::max_pool: kernel, stride and padding need 2 values each");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel[i] > 0 && stride[i] > 0, "bsconv_fast::max_pool: kernel and stride must be positive, got ",
+                kernel, " and ", stride);
+    TORCH_CHECK(padding[i] >= 0 && 2 * padding[i] <= kernel[i], "bsconv_fast::max_pool: padding must be in [0, kernel / 2], got ",
+                padding, " for kernel ", kernel);
+  }
+  const int64_t OH = (x_in.size(2) + 2 * padding[0] - kernel[0]) / stride[0] + 1;
+  const int64_t OW = (x_in.size(3) + 2 * padding[1] - kernel[1]) / stride[1] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "bsconv_fast::max_pool: input ", x_in.size(2), "x", x_in.size(3),
+              " is too small for kernel ", kernel, " with padding ", padding);
+  auto y = output({x_in.size(0), x_in.size(1), OH, OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_max_pool", [&] {
+      max_pool_impl<scalar_t>(x, y, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]);
+    });
+  }
+  return channels_last(x_in) ? y : y.contiguous();
+}
+
+// ---------------------------------------------------------------- global_avg_pool
+template <typename T>
+BSCONV_CLONES void channel_sums(const T* x, int64_t pixels, int64_t C, T* acc) {
+  for (int64_t c = 0; c < C; ++c) acc[c] = T(0);
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* xp = x + p * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] += xp[c];
+  }
+}
+
+at::Tensor global_avg_pool_cpu(const at::Tensor& x_in) {
+  check_float(x_in, "global_avg_pool");
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  TORCH_CHECK(HW > 0, "bsconv_fast::global_avg_pool: x has no pixels (", x_in.sizes(), ")");
+  auto y = output({N, C, 1, 1}, x_in.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_global_avg_pool", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / (HW * C)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        channel_sums<scalar_t>(xp + n * HW * C, HW, C, yp + n * C);
+        for (int64_t c = 0; c < C; ++c) yp[n * C + c] /= static_cast<scalar_t>(HW);
+      }
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
+  m.impl("channel_affine", &channel_affine_cpu);
+  m.impl("max_pool", &max_pool_cpu);
+  m.impl("global_avg_pool", &global_avg_pool_cpu);
+}
+
+}  // namespace cpu
+}  // namespace bsconv_fast
