@@ -71,6 +71,10 @@ if _ext.available():
     def _pw_packed_fake(x, packed, out_channels, stride, act, residual):
         return empty_output(x, out_shape(x, out_channels, (1, 1), stride, (0, 0), (1, 1)))
 
+    @torch.library.register_fake("bsconv_fast::conv_packed")
+    def _conv_packed_fake(x, packed, out_channels, kernel, stride, padding, act):
+        return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, (1, 1)))
+
     @torch.library.register_fake("bsconv_fast::channel_affine")
     def _channel_affine_fake(x, scale, shift):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

@@ -146,6 +146,55 @@ class FusedPointwise(PackedInference, nn.Module):
                 f"bias={self.bias is not None}")
 
 
+class FusedConv(PackedInference, nn.Module):
+    """Inference k x k convolution act(conv(x, weight, stride, padding) + bias) with few input channels
+    (the image stems) and a folded, frozen weight: bsconv_fast::conv_packed on CPU (each output row's
+    patches gathered, then the GEMM micro-kernel), standard ops otherwise."""
+
+    MAX_IN_CHANNELS = 8  # patches of Cin * KH * KW values per pixel: made for the 3-channel image stems
+
+    def __init__(self, weight, bias, stride, padding, act=0):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.act = list(stride), list(padding), act
+
+    @classmethod
+    def supports(cls, conv):
+        return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1) and conv.kernel_size != (1, 1)
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                and conv.in_channels <= cls.MAX_IN_CHANNELS)
+
+    @classmethod
+    def from_conv(cls, conv, bn=None, act=0):
+        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        return cls(weight, bias, conv.stride, conv.padding, act)
+
+    def _source_tensors(self):
+        b = self._buffers
+        return [t for t in (b["weight"], b["bias"]) if t is not None]
+
+    def _pack(self):
+        w = self.weight
+        return torch.ops.bsconv_fast.pack_pw(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1, 1, 1), self.bias)
+
+    def choice(self, x):
+        reason = cpu_op_reason(x, self._buffers["weight"])
+        return ("reference", reason) if reason else (f"cpu-conv ({_ext.cpu_kernel_isa()})", "")
+
+    def forward(self, x):
+        w = self._buffers["weight"]
+        if not cpu_op_reason(x, w):
+            return torch.ops.bsconv_fast.conv_packed(x, self._packed_weights(), w.shape[0], list(w.shape[2:]),
+                                                     self.stride, self.padding, self.act)
+        return reference.activation(F.conv2d(x, w, self.bias, self.stride, self.padding), self.act)
+
+    def extra_repr(self):
+        acts = {v: k for k, v in reference.ACTIVATIONS.items()}
+        return (f"{self.weight.shape[1]}->{self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, act={acts[self.act]}")
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2/V3 block for inference: fused expand -> depthwise, the squeeze-excitation unit if
     any, then the projection, whose store adds the skip connection."""
@@ -244,6 +293,8 @@ def fold_conv_block(block):
     if pointwise is not None:
         return pointwise
     conv, bn, act = _block_parts(block)
+    if FusedConv.supports(conv) and _bn_ok(bn) and activation_code(act) >= 0:
+        return FusedConv.from_conv(conv, bn, activation_code(act))
     if type(conv) is not nn.Conv2d or not _bn_ok(bn) or bn is None:
         return None
     weight, bias = fold_bn(conv.weight, bn, conv.bias)

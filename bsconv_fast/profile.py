@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedPointwise, FusedPwDw
+from bsconv_fast.optimize import FusedConv, FusedPointwise, FusedPwDw
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -47,9 +47,9 @@ def _leaf_counts(module, x, y):
     return 0, 0
 
 
-def _pointwise_counts(module, args, y):
-    """(paper flops, macs, params) of an optimize()d FusedPointwise: the 1x1 conv, its bias, the
-    residual add and the activation (one FLOP per element each, as for FusedPwDw)."""
+def _dense_counts(module, args, y):
+    """(paper flops, macs, params) of an optimize()d FusedPointwise or FusedConv: the convolution, its
+    bias, the residual add and the activation (one FLOP per element each, as for FusedPwDw)."""
     flops, macs = _conv_counts(module.weight, module.bias, y[:, 0].numel(), y.numel())
     has_residual = len(args) > 1 and args[1] is not None
     flops += (y.numel() if has_residual else 0) + (y.numel() if module.act else 0)
@@ -117,8 +117,8 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
             if isinstance(module, FUSED):
                 x = _tail_input(module, x)
                 flops, macs, params = _fused_counts(module, x, out)
-            elif isinstance(module, FusedPointwise):
-                flops, macs, params = _pointwise_counts(module, args, out)
+            elif isinstance(module, (FusedPointwise, FusedConv)):
+                flops, macs, params = _dense_counts(module, args, out)
             else:
                 (flops, macs), params = _leaf_counts(module, x, out), _count_params([module])
             esize = out.element_size()

@@ -47,6 +47,10 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
   m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");
   m.def("pw_packed(Tensor x, Tensor packed, int out_channels, int[2] stride, int act, Tensor? residual) -> Tensor");
+  // A dense k x k convolution on the same kernel (the image stems): y = act(conv(x, weight, stride,
+  // padding) + bias), `packed` = pack_pw of the weight permuted to (Cout, KH, KW, Cin).
+  m.def("conv_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
+        "int act) -> Tensor");
   // The memory-bound ops around them (inference, CPU; csrc/cpu/glue_cpu.cpp): y = x * scale[c] +
   // shift[c] written channels_last (an eval BatchNorm on the network input), k x k max pooling, and
   // the mean over H x W as an (N, C, 1, 1) tensor.

@@ -57,3 +57,11 @@ def randomize_bn(module, mean, var, bias=None):
             if bias is not None:
                 m.weight.data.uniform_(0.5, 1.5)
                 m.bias.data.uniform_(-bias, bias)
+
+
+def assert_model_drift(got, eager, want, what=""):
+    """A whole fp32 network drifts from its float64 run (`want`) by itself (`eager`, the unmodified
+    model in fp32); the optimized one (`got`) may not drift much more, and never has NaN."""
+    rel = lambda out: ((out.double() - want).norm() / want.norm()).item()  # noqa: E731
+    assert not torch.isnan(got).any(), f"{what}: NaN"
+    assert rel(got) <= max(1e-5, 4 * rel(eager)), f"{what}: relative error {rel(got):.3g}, eager fp32 {rel(eager):.3g}"

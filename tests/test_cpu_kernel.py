@@ -115,6 +115,12 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     pw_out = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), cout, list(pr(s)), 2, y)
     want = torch.nn.functional.relu6(torch.nn.functional.conv2d(x.double(), pw.double(), b.double(), pr(s)) + y)
     assert_close_to_reference(pw_out, want, cin, "pw " + str(case))
+    # the stem convolution on the same micro-kernel (gathered patches of the first 3 channels)
+    x3, w3 = x[:, :3], torch.randn(cout, 3, 3, 3) / 5
+    packed3 = torch.ops.bsconv_fast.pack_pw(w3.permute(0, 2, 3, 1).reshape(cout, -1, 1, 1), b)
+    conv = torch.ops.bsconv_fast.conv_packed(x3, packed3, cout, [3, 3], list(pr(s)), [1, 1], 1)
+    want = torch.relu(torch.nn.functional.conv2d(x3.double(), w3.double(), b.double(), pr(s), 1))
+    assert_close_to_reference(conv, want, 27, "conv " + str(case))
 print(json.dumps(bsconv_fast._ext.cpu_kernel_isa()))
 """
 

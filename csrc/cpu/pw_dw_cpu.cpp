@@ -214,11 +214,12 @@ Isa cpu_isa() {
 }
 
 // ---------------------------------------------------------------- driver
-// This thread's ring buffer, 64-byte aligned: ring rows are whole 16-float channel vectors, and a
-// vector load or store that straddles two cache lines costs two (on the 16-byte alignment
-// std::vector gives, the depthwise stage ran 1.3-1.5x slower).
+// This thread's scratch buffer (the fused op's ring of pointwise rows, the stem convolution's
+// gathered patches), 64-byte aligned: ring rows are whole 16-float channel vectors, and a vector
+// load or store that straddles two cache lines costs two (on the 16-byte alignment std::vector
+// gives, the depthwise stage ran 1.3-1.5x slower).
 template <typename T>
-T* thread_ring(int64_t elems) {
+T* thread_scratch(int64_t elems) {
   constexpr int64_t kPad = 64 / sizeof(T);
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < elems + kPad) buffer.resize(elems + kPad);
@@ -233,7 +234,7 @@ void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, in
   const int64_t extra = std::max<int64_t>(0, ceil_div(kMinPixels, g.W) - 1);
   const int64_t ring_rows = std::max(span, std::min(span + extra, g.H));
   const int64_t row_elems = g.W * cg;
-  T* const ring = thread_ring<T>(ring_rows * row_elems);
+  T* const ring = thread_scratch<T>(ring_rows * row_elems);
   std::vector<const T*> rows(g.KH);
 
   const int64_t band_last = std::min(g.H - 1, (oh1 - 1) * g.sh - g.ph + (g.KH - 1) * g.dh);
@@ -364,6 +365,73 @@ void run_pw_best(const PwGeometry& g, const PwOperands<float>& o) {
 }
 
 void run_pw_best(const PwGeometry& g, const PwOperands<double>& o) { run_pw<double, ScalarKernels<double>>(g, o); }
+
+// ---------------------------------------------------------------- stem convolution
+// bsconv_fast::conv_packed: y = act(conv(x, w, stride, padding) + b), a dense k x k convolution with
+// few input channels (the image stems: 3 -> 32 3x3, 3 -> 64 7x7) on the same GEMM micro-kernel. Each
+// output row's input patches are gathered into the thread's scratch buffer (zeros where a window
+// leaves the image), K = KH * KW * Cin values per pixel in (kh, kw, ci) order: the order of
+// pack_pw's buffer for the weight permuted to (Cout, KH, KW, Cin).
+struct ConvGeometry {
+  int64_t N, H, W, Cin, Cout, Cp, KH, KW, sh, sw, ph, pw, OH, OW, act;
+};
+
+template <typename T>
+void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, T* cols) {
+  const int64_t span = g.KW * g.Cin;  // one kernel row of a patch: contiguous in channels_last
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const int64_t iw0 = ow * g.sw - g.pw;
+    const bool inside = iw0 >= 0 && iw0 + g.KW <= g.W;
+    T* dst = cols + ow * g.KH * span;
+    for (int64_t kh = 0; kh < g.KH; ++kh, dst += span) {
+      const int64_t ih = oh * g.sh - g.ph + kh;
+      if (ih < 0 || ih >= g.H) {
+        std::fill(dst, dst + span, T(0));
+        continue;
+      }
+      const T* row = x + (n * g.H + ih) * g.W * g.Cin;
+      if (inside) {
+        std::copy(row + iw0 * g.Cin, row + iw0 * g.Cin + span, dst);
+        continue;
+      }
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t iw = iw0 + kw;
+        T* d = dst + kw * g.Cin;
+        if (iw < 0 || iw >= g.W) {
+          std::fill(d, d + g.Cin, T(0));
+        } else {
+          std::copy(row + iw * g.Cin, row + (iw + 1) * g.Cin, d);
+        }
+      }
+    }
+  }
+}
+
+// Output rows split over threads in contiguous runs.
+template <typename T, typename K>
+void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
+  const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
+    T* const cols = thread_scratch<T>(g.OW * Kd);
+    for (int64_t r = r0; r < r1; ++r) {
+      gather_patches(g, x, r / g.OH, r % g.OH, cols);
+      K::pw_out(cols, Kd, Kd, g.OW, w, b, 0, g.Cp, g.Cout, g.act, y + r * g.OW * g.Cout, nullptr);
+    }
+  });
+}
+
+void run_conv_best(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: run_conv<float, avx512::Kernels>(g, x, w, b, y); break;
+    case Isa::kAvx2: run_conv<float, avx2::Kernels>(g, x, w, b, y); break;
+    default: run_conv<float, ScalarKernels<float>>(g, x, w, b, y); break;
+  }
+}
+
+void run_conv_best(const ConvGeometry& g, const double* x, const double* w, const double* b, double* y) {
+  run_conv<double, ScalarKernels<double>>(g, x, w, b, y);
+}
 
 // ---------------------------------------------------------------- packing
 // All weights of one layer in one buffer, in the order the kernels read them:
@@ -630,12 +698,46 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
+at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
+  TORCH_CHECK(x_in.dim() == 4, "bsconv_fast::conv_packed: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "bsconv_fast::conv_packed (CPU): supports float32 and float64, got ", x_in.scalar_type());
+  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::conv_packed: bad kernel ", kernel);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::conv_packed: bad stride ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "bsconv_fast::conv_packed: bad padding ",
+              padding);
+  TORCH_CHECK(act >= 0 && act <= 4, "bsconv_fast::conv_packed: activation code must be in [0, 4], got ", act);
+  TORCH_CHECK(out_channels > 0, "bsconv_fast::conv_packed: out_channels must be positive, got ", out_channels);
+  ConvGeometry g{x_in.size(0), x_in.size(2), x_in.size(3), x_in.size(1), out_channels, ceil_div(out_channels, kNR) * kNR,
+                 kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], 0, 0, act};
+  g.OH = (g.H + 2 * g.ph - g.KH) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::conv_packed: input ", g.H, "x", g.W, " is too small for kernel ",
+              kernel, " with padding ", padding);
+  TORCH_CHECK(packed.scalar_type() == x_in.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
+                  packed.numel() == packed_numel(g.Cin * g.KH * g.KW, g.Cp, 0),
+              "bsconv_fast::conv_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for the weight "
+              "permuted to (", out_channels, ", ", g.KH, ", ", g.KW, ", ", g.Cin, ") and flattened, with the dtype of x");
+  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (y.numel() > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_conv_cpu", [&] {
+      const scalar_t* w = packed.data_ptr<scalar_t>();
+      run_conv_best(g, x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin * g.KH * g.KW, y.data_ptr<scalar_t>());
+    });
+  }
+  return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
 TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pw_dw", &pw_dw_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("pw_dw_packed", &pw_dw_packed_cpu);
   m.impl("pack_pw", &pack_pw_cpu);
   m.impl("pw_packed", &pw_packed_cpu);
+  m.impl("conv_packed", &conv_packed_cpu);
 }
 
 }  // namespace cpu

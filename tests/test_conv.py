@@ -1,0 +1,119 @@
+"""bsconv_fast::conv_packed (the image stems: dense k x k convolution, gathered patches on the GEMM
+micro-kernel) and FusedConv, against float64 F.conv2d + activation."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bsconv_fast
+from bsconv_fast import reference
+from bsconv_fast.optimize import FusedConv
+from helpers import assert_close_to_reference, randomize_bn
+
+pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
+
+# (n, cin, cout, h, w, kernel, stride, padding): the stems (3x3 s2, 7x7 s2 p3), rectangular kernels,
+# mixed strides and paddings, padding wider than the input border, output channels off the
+# 16-channel panels, a single input channel, batch 0.
+GRID = [
+    (1, 3, 32, 29, 31, 3, 2, 1),
+    (2, 3, 64, 23, 19, 7, 2, 3),
+    (1, 3, 16, 17, 17, 3, 1, 1),
+    (3, 4, 5, 9, 13, (3, 5), (1, 2), (1, 2)),
+    (1, 1, 70, 11, 7, 5, 3, 2),
+    (2, 8, 33, 6, 10, 3, 1, 0),
+    (1, 3, 17, 5, 5, 5, 1, 2),
+    (0, 3, 8, 7, 7, 3, 2, 1),
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _problem(n, cin, cout, h, w, k, dtype=torch.float32):
+    kh, kw = _pair(k)
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    weight = torch.randn(cout, cin, kh, kw, dtype=dtype) / math.sqrt(cin * kh * kw)
+    return x, weight, torch.randn(cout, dtype=dtype)
+
+
+def _packed(weight, bias):
+    return torch.ops.bsconv_fast.pack_pw(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1), bias)
+
+
+@pytest.mark.parametrize("case", GRID, ids=[str(i) for i in range(len(GRID))])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_grid(case, memory_format):
+    n, cin, cout, h, w, k, s, p = case
+    x, weight, bias = _problem(n, cin, cout, h, w, k)
+    x = x.contiguous(memory_format=memory_format)
+    out = torch.ops.bsconv_fast.conv_packed(x, _packed(weight, bias), cout, list(weight.shape[2:]), list(_pair(s)),
+                                            list(_pair(p)), 1)
+    want = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), _pair(s), _pair(p)))
+    assert_close_to_reference(out, want, weight[0].numel(), str(case))
+    if x.numel() and min(out.shape[1:]) > 1:  # the output keeps the input's format (as torch suggests it)
+        assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+@pytest.mark.parametrize("act", sorted(reference.ACTIVATIONS.values()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_activations_and_dtypes(act, dtype):
+    x, weight, bias = _problem(2, 3, 24, 15, 13, 3, dtype)
+    layer = FusedConv(weight, bias, (2, 2), (1, 1), act)
+    assert layer.choice(x) == (f"cpu-conv ({bsconv_fast._ext.cpu_kernel_isa()})", "")
+    out = layer(x)
+    assert out.dtype == dtype
+    want = reference.activation(F.conv2d(x.double(), weight.double(), bias.double(), 2, 1), act)
+    assert_close_to_reference(out, want, weight[0].numel(), f"act {act} {dtype}")
+
+
+def test_optimize_folds_the_stem_block():
+    common = pytest.importorskip("bsconv.pytorch.common")
+    block = common.conv3x3_block(3, 16, stride=2, activation="hswish").eval()
+    randomize_bn(block, 0.3, (0.5, 1.5), bias=0.5)
+    container = nn.Sequential(block)
+    fast = bsconv_fast.optimize(container, channels_last=False)
+    assert isinstance(fast[0], FusedConv) and fast[0].act == reference.ACTIVATIONS["hardswish"]
+    x = torch.randn(2, 3, 21, 19)
+    with torch.no_grad():
+        want = block.double()(x.double())
+        assert_close_to_reference(fast(x), want, 27, "stem block")
+
+
+def test_autograd_takes_the_standard_ops_and_says_so():
+    x, weight, bias = _problem(1, 3, 8, 9, 9, 3)
+    layer = FusedConv(weight, bias, (1, 1), (1, 1), reference.ACTIVATIONS["relu"])
+    x.requires_grad_()
+    assert layer.choice(x)[0] == "reference" and "autograd" in layer.choice(x)[1]
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    want = F.relu(F.conv2d(x.detach().double(), weight.double(), bias.double(), 1, 1))
+    assert_close_to_reference(out.detach(), want, 27, "autograd path")
+
+
+def test_supports_only_dense_stems():
+    assert FusedConv.supports(nn.Conv2d(3, 32, 3, 2, 1))
+    assert not FusedConv.supports(nn.Conv2d(3, 32, 1))               # 1x1: FusedPointwise
+    assert not FusedConv.supports(nn.Conv2d(16, 32, 3))              # not a stem
+    assert not FusedConv.supports(nn.Conv2d(4, 4, 3, groups=2))
+    assert not FusedConv.supports(nn.Conv2d(3, 8, 3, dilation=2))
+    assert not FusedConv.supports(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"))
+    assert not FusedConv.supports(nn.Conv2d(3, 8, 3, padding="same"))
+
+
+def test_opcheck_and_bad_arguments():
+    x, weight, bias = _problem(2, 3, 10, 8, 9, 3)
+    packed = _packed(weight, bias)
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_packed.default, (x, packed, 10, [3, 3], [2, 1], [1, 0], 2))
+    with pytest.raises(RuntimeError, match="packed must be the contiguous buffer"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [5, 5], [1, 1], [2, 2], 0)
+    with pytest.raises(RuntimeError, match="too small"):
+        torch.ops.bsconv_fast.conv_packed(x[:, :, :2], packed, 10, [3, 3], [1, 1], [0, 0], 0)
+    with pytest.raises(RuntimeError, match="activation code"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [3, 3], [1, 1], [1, 1], 9)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        torch.ops.bsconv_fast.conv_packed(x[0], packed, 10, [3, 3], [1, 1], [1, 1], 0)
