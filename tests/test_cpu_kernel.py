@@ -32,6 +32,8 @@ GRID = [
     (1, 64, 600, 13, 7, 3, 2, 1, 1, False),
     (3, 33, 47, 9, 11, 3, 3, 1, 1, True),            # stride 3
     (1, 5, 17, 5, 5, 3, 1, 4, 1, True),              # padding larger than the kernel reach
+    (1, 24, 40, 45, 11, 3, 1, 1, 1, True),           # narrow input over many rows: row bands
+    (1, 40, 24, 57, 9, 5, 2, 2, 1, False),           # the same with stride 2 and a 5x5 halo
 ]
 
 
