@@ -226,6 +226,14 @@ T* thread_scratch(int64_t elems) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
 }
 
+// Threads for a problem of `macs` multiply-adds: one inside an outer parallel region (no
+// oversubscription) and for problems too small to repay waking the thread team (~2.7 us measured
+// for a 2-thread OpenMP region, about 300K multiply-adds of work).
+int64_t threads_for(int64_t macs) {
+  constexpr int64_t kSerialMacs = 300000;
+  return (at::in_parallel_region() || macs < kSerialMacs) ? 1 : at::get_num_threads();
+}
+
 // One work item: image n, channels [c0, c0 + cg), output rows [oh0, oh1).
 template <typename T, typename K>
 void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, int64_t cg,
@@ -266,7 +274,7 @@ void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, in
 template <typename T, typename K>
 void run(const Geometry& g, const Operands<T>& o) {
   const int64_t panels = g.Cp / kNR;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = threads_for(g.N * g.H * g.W * g.Cin * g.Cp + g.N * g.OH * g.OW * g.Cp * g.KH * g.KW);
   // Images first, then channel slabs (no redundant work, but every slab streams the whole input),
   // then row bands. A narrow input over many rows goes to bands before slabs: recomputing the
   // few halo rows per band costs less than every thread streaming the full input, and the next
@@ -280,7 +288,7 @@ void run(const Geometry& g, const Operands<T>& o) {
   const int64_t bands = std::min(g.OH, ceil_div(threads, g.N * groups));
   const int64_t rows_per_band = ceil_div(g.OH, bands);
   const int64_t items = g.N * groups * bands;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, ceil_div(items, threads), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t band = item % bands;
       const int64_t group = (item / bands) % groups;
@@ -343,7 +351,7 @@ void pw_range(const PwGeometry& g, const PwOperands<T>& o, int64_t p0, int64_t p
 template <typename T, typename K>
 void run_pw(const PwGeometry& g, const PwOperands<T>& o) {
   const int64_t P = g.N * g.OH * g.OW, panels = g.Cp / kNR;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = threads_for(P * g.Cin * g.Cp);
   // Few pixels (late stages, 1x1 heads): split the channels, so each thread reads only its share
   // of the weights. Otherwise split the pixels: no thread re-reads another's activations.
   const int64_t groups = P < 64 * threads ? std::min(panels, threads) : 1;
@@ -416,7 +424,7 @@ void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, T*
 template <typename T, typename K>
 void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = threads_for(rows * g.OW * Kd * g.Cp);
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     T* const cols = thread_scratch<T>(g.OW * Kd);
     for (int64_t r = r0; r < r1; ++r) {
