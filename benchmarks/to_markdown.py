@@ -7,7 +7,8 @@ import sys
 
 COLUMNS = [("case", "case"), ("backend", "backend"), ("eager-cl_ms", "eager-cl ms"), ("eager-clx_ms", "eager-clx ms"),
            ("ort_ms", "ORT ms"), ("ort-spin_ms", "ORT spin ms"), ("fused_ms", "fused ms"), ("speedup", "vs eager"), ("vs_ort", "vs ORT"),
-           ("fused_gflops", "GFLOP/s"), ("peak_pct", "% peak"), ("err_max_abs", "max abs err")]
+           ("fused_gflops", "GFLOP/s"), ("peak_pct", "% peak"), ("ceiling_vs_eager", "ceiling vs eager"),
+           ("ceiling_vs_ort", "ceiling vs ORT"), ("err_max_abs", "max abs err")]
 
 
 def cell(key, value):

@@ -174,7 +174,18 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None,
     return row
 
 
-def run_layers(batches, reps, warmup, peak_gflops=None, block=5):
+def add_peak_columns(row, peak_gflops):
+    """What the measured GEMM peak says about a row: the fused kernel's percentage of it, and the
+    ceilings: the speedup over eager (and ONNX Runtime) that running every multiply-add at the peak
+    would give. A target above the ceiling cannot be met on this machine."""
+    ideal_ms = 2 * row["macs"] / peak_gflops / 1e6
+    row["peak_pct"] = 100 * row["fused_gflops"] / peak_gflops
+    row["ceiling_vs_eager"] = min(row[k] for k in ("eager-cl_ms", "eager-clx_ms")) / ideal_ms
+    if "vs_ort" in row:
+        row["ceiling_vs_ort"] = min(row["ort_ms"], row.get("ort-spin_ms", float("inf"))) / ideal_ms
+
+
+def run_layers(batches, reps, warmup, peak_gflops, block=5):
     rows = []
     for key, src in layer_configs():
         cin, cout, h, w, k, s = key[:6]
@@ -184,8 +195,7 @@ def run_layers(batches, reps, warmup, peak_gflops=None, block=5):
             x = torch.randn(batch, cin, h, w)
             label = f"{cin}->{cout} @{h} k{k[0]} s{s[0]} b{batch}"
             rows.append(bench_case(label, ref, fused, x, reps, warmup, (batch, cin, h, w), block=block))
-            if peak_gflops:
-                rows[-1]["peak_pct"] = 100 * rows[-1]["fused_gflops"] / peak_gflops
+            add_peak_columns(rows[-1], peak_gflops)
             print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -200,7 +210,7 @@ def randomize_bn(model):
             m.bias.data.uniform_(-0.2, 0.2)
 
 
-def run_models(names, batch, reps, warmup, with_ort, block=5):
+def run_models(names, batch, reps, warmup, with_ort, peak_gflops, block=5):
     B = official()
     rows = []
     for name in names:
@@ -212,6 +222,7 @@ def run_models(names, batch, reps, warmup, with_ort, block=5):
         x = torch.randn(batch, 3, size, size)
         extra = ort_peers(ref, x, spinning=block >= reps) if with_ort else {}
         rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra, block))
+        add_peak_columns(rows[-1], peak_gflops)
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -228,7 +239,7 @@ def gemm_peak_gflops(reps=20):
 
 
 COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "ort_ms", "ort-spin_ms", "fused_ms", "speedup", "vs_ort",
-           "fused_gflops", "peak_pct", "params", "flops", "err_max_abs", "err_rel")
+           "fused_gflops", "peak_pct", "ceiling_vs_eager", "ceiling_vs_ort", "params", "flops", "err_max_abs", "err_rel")
 
 
 def format_row(row):
@@ -288,23 +299,26 @@ def main(argv=None):
     summary = {}
     if args.suite == "gpu-layers":
         return run_gpu(args, header)
-    if args.suite in ("default", "cpu-layers"):
-        # Also the process warm-up (thread pools, clocks, first-touch pages): without it the first
-        # case of a run measures slower than it is.
-        summary.update(gemm_peak_gflops())
-        print(f"# measured GEMM peak {summary['peak_gflops']:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
-              f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
+    # Also the process warm-up (thread pools, clocks, first-touch pages): without it the first case
+    # of a run measures slower than it is.
+    summary.update(gemm_peak_gflops())
+    peak = summary["peak_gflops"]
+    print(f"# measured GEMM peak {peak:.0f} GFLOP/s (MKL sgemm {summary['sgemm_gflops']:.0f}, "
+          f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
     if args.suite == "default":
-        rows = run_layers([args.batch], args.reps, args.warmup, summary["peak_gflops"], args.block)
-        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, False, args.block)
+        rows = run_layers([args.batch], args.reps, args.warmup, peak, args.block)
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, False, peak, args.block)
     elif args.suite == "cpu-layers":
-        rows = run_layers([1, 8], args.reps, args.warmup, summary["peak_gflops"], args.block)
+        rows = run_layers([1, 8], args.reps, args.warmup, peak, args.block)
         for batch in (1, 8):
-            sel = [r["speedup"] for r in rows if r["case"].endswith(f"b{batch}")]
-            summary[f"geomean_speedup_b{batch}"] = geomean(sel)
-            print(f"# batch {batch}: geometric-mean speedup {geomean(sel):.2f}x, slowest {min(sel):.2f}x")
+            sel = [r for r in rows if r["case"].endswith(f"b{batch}")]
+            summary[f"geomean_speedup_b{batch}"] = geomean(r["speedup"] for r in sel)
+            summary[f"geomean_ceiling_b{batch}"] = geomean(r["ceiling_vs_eager"] for r in sel)
+            print(f"# batch {batch}: geometric-mean speedup {summary[f'geomean_speedup_b{batch}']:.2f}x "
+                  f"(ceiling at the GEMM peak {summary[f'geomean_ceiling_b{batch}']:.2f}x), "
+                  f"slowest {min(r['speedup'] for r in sel):.2f}x")
     else:
-        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, True, args.block)
+        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, True, peak, args.block)
     speedups = [r["speedup"] for r in rows]
     summary.update({"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)})
     print(f"# geometric-mean speedup vs eager {summary['geomean_speedup']:.2f}x, "

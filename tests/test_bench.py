@@ -52,7 +52,18 @@ def test_json_output(tmp_path):
     assert rc == 0
     data = json.loads(path.read_text())
     assert data["rows"][0]["case"].startswith("cifar_mobilenetv1_w1d4_bsconvu")
-    assert {"machine", "commit", "date", "threads"} <= data.keys()
+    assert {"machine", "commit", "date", "threads", "peak_gflops"} <= data.keys()
+    row = data["rows"][0]
+    assert row["ceiling_vs_eager"] > 0 and 0 < row["peak_pct"]
+
+
+def test_peak_columns_are_the_speedups_at_the_gemm_peak():
+    # 1e9 multiply-adds are 20 ms at 100 GFLOP/s; eager took 40 ms, ONNX Runtime 30 ms, fused 25 ms
+    row = {"macs": 10**9, "fused_gflops": 80.0, "eager-cl_ms": 40.0, "eager-clx_ms": 50.0, "ort_ms": 30.0,
+           "vs_ort": 1.2}
+    bench.add_peak_columns(row, 100.0)
+    assert row["peak_pct"] == pytest.approx(80.0)
+    assert row["ceiling_vs_eager"] == pytest.approx(2.0) and row["ceiling_vs_ort"] == pytest.approx(1.5)
 
 
 def test_gpu_suite_code_path_on_cpu_tiny_shapes():
