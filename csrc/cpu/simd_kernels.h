@@ -4,7 +4,7 @@
 //   VReg, kLanes   vector register type and its float lanes
 //   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n), vload_first(n)
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
-// Needs Geometry, Operands, valid_taps, ceil_div, act_scalar and kNR from the including file.
+// Needs Geometry, Operands, Runs, valid_taps, ceil_div, act_scalar and kNR from the including file.
 //
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
 // stores them back on every k step, which halves the micro-kernel's speed.
@@ -71,27 +71,30 @@ struct OutStore {
 };
 
 // MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
-// weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise.
+// weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise. Pixel r's
+// K = runs.n * runs.len inputs are runs.n runs of runs.len values, run s at a + s * runs.stride + r * lda.
 template <int MR, int NV, typename Store>
-BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, int64_t K,
+BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
                                      const float* bias0, const float* bias1, const Store st) {
   static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
   const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
   VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
   VReg c40 = i0, c41 = i1, c50 = i0, c51 = i1, c60 = i0, c61 = i1, c70 = i0, c71 = i1;
   VReg c80 = i0, c81 = i1, c90 = i0, c91 = i1, ca0 = i0, ca1 = i1, cb0 = i0, cb1 = i1;
-  for (int64_t k = 0; k < K; ++k) {
-    const VReg w0 = vload(b0 + k * kNR);
-    const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
-#define BSCONV_ROW(r, R)                        \
-  if constexpr (MR > r) {                       \
-    const VReg av = vbcast(a + r * lda + k);    \
-    c##R##0 = vfma(av, w0, c##R##0);            \
-    if constexpr (NV > 1) c##R##1 = vfma(av, w1, c##R##1); \
+  for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += runs.len * kNR, b1 += runs.len * kNR) {
+    for (int64_t k = 0; k < runs.len; ++k) {
+      const VReg w0 = vload(b0 + k * kNR);
+      const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
+#define BSCONV_ROW(r, R)                                     \
+  if constexpr (MR > r) {                                    \
+    const VReg av = vbcast(a + r * lda + k);                 \
+    c##R##0 = vfma(av, w0, c##R##0);                         \
+    if constexpr (NV > 1) c##R##1 = vfma(av, w1, c##R##1);   \
   }
-    BSCONV_ROW(0, 0) BSCONV_ROW(1, 1) BSCONV_ROW(2, 2) BSCONV_ROW(3, 3) BSCONV_ROW(4, 4) BSCONV_ROW(5, 5)
-    BSCONV_ROW(6, 6) BSCONV_ROW(7, 7) BSCONV_ROW(8, 8) BSCONV_ROW(9, 9) BSCONV_ROW(10, a) BSCONV_ROW(11, b)
+      BSCONV_ROW(0, 0) BSCONV_ROW(1, 1) BSCONV_ROW(2, 2) BSCONV_ROW(3, 3) BSCONV_ROW(4, 4) BSCONV_ROW(5, 5)
+      BSCONV_ROW(6, 6) BSCONV_ROW(7, 7) BSCONV_ROW(8, 8) BSCONV_ROW(9, 9) BSCONV_ROW(10, a) BSCONV_ROW(11, b)
 #undef BSCONV_ROW
+    }
   }
 #define BSCONV_STORE(r, R)                          \
   if constexpr (MR > r) {                           \
@@ -106,15 +109,15 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
 
 // All pixel tiles of one column block (NV vectors): npix pixels, pixel p at a + p * lda.
 template <int NV, typename Store>
-BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, int64_t K, int64_t npix, const float* b0,
+BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* b0,
                                        const float* b1, const float* bias0, const float* bias1, const Store st) {
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) gemm_micro<kMR, NV>(a + p * lda, lda, b0, b1, K, bias0, bias1, st.at(p));
+  for (; p + kMR <= npix; p += kMR) gemm_micro<kMR, NV>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
   const float* ap = a + p * lda;
   const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, lda, b0, b1, K, bias0, bias1, sp); break;
+  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -122,19 +125,21 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, int64_t K, i
   }
 }
 
-// Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, K inputs), packed
-// weights `w` and bias as pack_into lays them out, one column block of 2 vectors (or 1) at a time.
+// Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, its inputs as `runs`
+// say), packed weights `w` and bias as pack_into lays them out, one column block of 2 vectors
+// (or 1) at a time.
 template <typename Store>
-BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, int64_t K, int64_t npix, const float* w,
+BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
                                       const float* bias, int64_t c0, int64_t cg, const Store st) {
   constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
+  const int64_t K = runs.n * runs.len;
   const auto panel = [&](int64_t c) { return w + (c / kNR) * K * kNR + (c % kNR); };
   int64_t c = c0;
   for (; c + step <= c0 + cg; c += step) {
-    gemm_columns<2>(a, lda, K, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st.shifted(c - c0));
+    gemm_columns<2>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st.shifted(c - c0));
   }
   for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
-    gemm_columns<1>(a, lda, K, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
+    gemm_columns<1>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
   }
 }
 
@@ -142,14 +147,15 @@ struct Kernels {
   // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
   BSCONV_TARGET static void pw_rows(const Geometry& g, const Operands<float>& o, const float* a, int64_t npix,
                                     int64_t c0, int64_t cg, float* out) {
-    gemm_panels(a, g.Cin, g.Cin, npix, o.pw, o.b1, c0, cg, RingStore{out, cg, g.mid_act});
+    gemm_panels(a, g.Cin, Runs{1, g.Cin, 0}, npix, o.pw, o.b1, c0, cg, RingStore{out, cg, g.mid_act});
   }
 
-  // y[p, c] = act(b[c] + sum_k a[p * lda + k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout.
-  BSCONV_TARGET static void pw_out(const float* a, int64_t lda, int64_t K, int64_t npix, const float* w,
+  // y[p, c] = act(b[c] + sum_k a_p[k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout, with
+  // pixel p's inputs a_p at a + p * lda as `runs` says.
+  BSCONV_TARGET static void pw_out(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
                                    const float* bias, int64_t c0, int64_t cg, int64_t Cout, int64_t act, float* y,
                                    const float* res) {
-    gemm_panels(a, lda, K, npix, w, bias, c0, cg,
+    gemm_panels(a, lda, runs, npix, w, bias, c0, cg,
                 OutStore{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0, act});
   }
 
