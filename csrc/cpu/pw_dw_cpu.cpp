@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "pw_dw_cpu.h"
@@ -222,6 +223,20 @@ Isa cpu_isa() {
   return isa;
 }
 
+// Calls f(kernels) with the kernel family to run: for float32 the widest SIMD one the CPU has, for
+// float64 the scalar one (so that gradcheck runs through the fused op).
+template <typename T, typename F>
+void with_kernels(F&& f) {
+  if constexpr (std::is_same<T, float>::value) {
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return f(avx512::Kernels{});
+      case Isa::kAvx2: return f(avx2::Kernels{});
+      default: break;
+    }
+  }
+  f(ScalarKernels<T>{});
+}
+
 // ---------------------------------------------------------------- driver
 // This thread's scratch buffer (the fused op's ring of pointwise rows, the stem convolution's
 // gathered patches), 64-byte aligned: ring rows are whole 16-float channel vectors, and a vector
@@ -312,17 +327,6 @@ void run(const Geometry& g, const Operands<T>& o) {
   });
 }
 
-// float32 takes the widest SIMD kernels the CPU has; float64 the scalar ones.
-void run_best(const Geometry& g, const Operands<float>& o) {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: run<float, avx512::Kernels>(g, o); break;
-    case Isa::kAvx2: run<float, avx2::Kernels>(g, o); break;
-    default: run<float, ScalarKernels<float>>(g, o); break;
-  }
-}
-
-void run_best(const Geometry& g, const Operands<double>& o) { run<double, ScalarKernels<double>>(g, o); }
-
 // ---------------------------------------------------------------- pointwise op
 // bsconv_fast::pw_packed: y = act(conv1x1(x, w, stride) + b (+ residual)), the 1x1 convolutions
 // around the fused layers (inverted-residual projections with their skip connection, ResNet
@@ -377,16 +381,6 @@ void run_pw(const PwGeometry& g, const PwOperands<T>& o) {
     }
   });
 }
-
-void run_pw_best(const PwGeometry& g, const PwOperands<float>& o) {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: run_pw<float, avx512::Kernels>(g, o); break;
-    case Isa::kAvx2: run_pw<float, avx2::Kernels>(g, o); break;
-    default: run_pw<float, ScalarKernels<float>>(g, o); break;
-  }
-}
-
-void run_pw_best(const PwGeometry& g, const PwOperands<double>& o) { run_pw<double, ScalarKernels<double>>(g, o); }
 
 // ---------------------------------------------------------------- stem convolution
 // bsconv_fast::conv_packed: y = act(conv(x, w, stride, padding) + b), a dense k x k convolution with
@@ -456,18 +450,6 @@ void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
                 y + (r * g.OW + lo) * g.Cout, nullptr);
     }
   });
-}
-
-void run_conv_best(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y) {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: run_conv<float, avx512::Kernels>(g, x, w, b, y); break;
-    case Isa::kAvx2: run_conv<float, avx2::Kernels>(g, x, w, b, y); break;
-    default: run_conv<float, ScalarKernels<float>>(g, x, w, b, y); break;
-  }
-}
-
-void run_conv_best(const ConvGeometry& g, const double* x, const double* w, const double* b, double* y) {
-  run_conv<double, ScalarKernels<double>>(g, x, w, b, y);
 }
 
 // ---------------------------------------------------------------- packing
@@ -636,7 +618,7 @@ at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Ge
       const scalar_t* b1 = dw + g.KH * g.KW * g.Cp;
       Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw, b1, dw, b1 + g.Cp, y.data_ptr<scalar_t>(),
                            data_or_null<scalar_t>(res)};
-      run_best(g, o);
+      with_kernels<scalar_t>([&](auto k) { run<scalar_t, decltype(k)>(g, o); });
     });
   }
   return channels_last_in ? y : y.contiguous();
@@ -728,8 +710,9 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_cpu", [&] {
       const scalar_t* w = packed.data_ptr<scalar_t>();
-      run_pw_best(g, PwOperands<scalar_t>{x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin,
-                                          data_or_null<scalar_t>(res), y.data_ptr<scalar_t>()});
+      const PwOperands<scalar_t> o{x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin, data_or_null<scalar_t>(res),
+                                   y.data_ptr<scalar_t>()};
+      with_kernels<scalar_t>([&](auto k) { run_pw<scalar_t, decltype(k)>(g, o); });
     });
   }
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
@@ -762,7 +745,9 @@ at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_conv_cpu", [&] {
       const scalar_t* w = packed.data_ptr<scalar_t>();
-      run_conv_best(g, x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin * g.KH * g.KW, y.data_ptr<scalar_t>());
+      const scalar_t *xp = x.data_ptr<scalar_t>(), *b = w + g.Cp * g.Cin * g.KH * g.KW;
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      with_kernels<scalar_t>([&](auto k) { run_conv<scalar_t, decltype(k)>(g, xp, w, b, yp); });
     });
   }
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
