@@ -239,7 +239,8 @@ def gemm_peak_gflops(reps=20):
 
 
 COLUMNS = ("case", "backend", "eager-cl_ms", "eager-clx_ms", "ort_ms", "ort-spin_ms", "fused_ms", "speedup", "vs_ort",
-           "fused_gflops", "peak_pct", "ceiling_vs_eager", "ceiling_vs_ort", "params", "flops", "err_max_abs", "err_rel")
+           "fused_gflops", "peak_pct", "ceiling_vs_eager", "ceiling_vs_ort", "params", "flops", "err_max_abs",
+           "err_rel")
 
 
 def format_row(row):
@@ -293,7 +294,8 @@ def main(argv=None):
     header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
               "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps, "block": args.block}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
-    print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up; speedup = min(eager) / fused; "
+    print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up; "
+          "speedup = min(eager) / fused; "
           "vs_ort = min(ort, ort-spin) / fused")
     print(" | ".join(COLUMNS))
     summary = {}
@@ -307,7 +309,8 @@ def main(argv=None):
           f"oneDNN 1x1 conv {summary['onednn_1x1_gflops']:.0f})")
     if args.suite == "default":
         rows = run_layers([args.batch], args.reps, args.warmup, peak, args.block)
-        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, False, peak, args.block)
+        rows += run_models(["cifar_mobilenetv1_w1_bsconvu"], args.batch, args.reps, args.warmup, False, peak,
+                           args.block)
     elif args.suite == "cpu-layers":
         rows = run_layers([1, 8], args.reps, args.warmup, peak, args.block)
         for batch in (1, 8):

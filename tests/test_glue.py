@@ -56,10 +56,9 @@ def test_global_avg_pool(n, c, h, w, dtype):
 def test_opcheck():
     x = torch.randn(2, 5, 9, 7)
     s, t = torch.rand(5), torch.randn(5)
-    torch.library.opcheck(ops.channel_affine.default, (x, s, t))
-    torch.library.opcheck(ops.channel_affine.default, (x.contiguous(memory_format=torch.channels_last), s, t))
-    torch.library.opcheck(ops.max_pool.default, (x, [3, 3], [2, 2], [1, 1]))
-    torch.library.opcheck(ops.max_pool.default, (x.contiguous(memory_format=torch.channels_last), [3, 3], [2, 2], [1, 1]))
+    for xf in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(ops.channel_affine.default, (xf, s, t))
+        torch.library.opcheck(ops.max_pool.default, (xf, [3, 3], [2, 2], [1, 1]))
     torch.library.opcheck(ops.global_avg_pool.default, (x,))
 
 

@@ -172,15 +172,16 @@ void max_pool_impl(const at::Tensor& x, at::Tensor& y, int64_t KH, int64_t KW, i
   });
 }
 
-at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
+                        at::IntArrayRef padding) {
   check_float(x_in, "max_pool");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "bsconv_fast::max_pool: kernel, stride and padding need 2 values each");
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK(kernel[i] > 0 && stride[i] > 0, "bsconv_fast::max_pool: kernel and stride must be positive, got ",
                 kernel, " and ", stride);
-    TORCH_CHECK(padding[i] >= 0 && 2 * padding[i] <= kernel[i], "bsconv_fast::max_pool: padding must be in [0, kernel / 2], got ",
-                padding, " for kernel ", kernel);
+    TORCH_CHECK(padding[i] >= 0 && 2 * padding[i] <= kernel[i],
+                "bsconv_fast::max_pool: padding must be in [0, kernel / 2], got ", padding, " for kernel ", kernel);
   }
   const int64_t OH = (x_in.size(2) + 2 * padding[0] - kernel[0]) / stride[0] + 1;
   const int64_t OW = (x_in.size(3) + 2 * padding[1] - kernel[1]) / stride[1] + 1;

@@ -718,8 +718,8 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
-at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
-                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
+at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels,
+                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
   TORCH_CHECK(x_in.dim() == 4, "bsconv_fast::conv_packed: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "bsconv_fast::conv_packed (CPU): supports float32 and float64, got ", x_in.scalar_type());
@@ -729,16 +729,18 @@ at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int
               padding);
   TORCH_CHECK(act >= 0 && act <= 4, "bsconv_fast::conv_packed: activation code must be in [0, 4], got ", act);
   TORCH_CHECK(out_channels > 0, "bsconv_fast::conv_packed: out_channels must be positive, got ", out_channels);
-  ConvGeometry g{x_in.size(0), x_in.size(2), x_in.size(3), x_in.size(1), out_channels, ceil_div(out_channels, kNR) * kNR,
-                 kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], 0, 0, act};
+  ConvGeometry g{x_in.size(0), x_in.size(2), x_in.size(3), x_in.size(1), out_channels,
+                 ceil_div(out_channels, kNR) * kNR, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
+                 0, 0, act};
   g.OH = (g.H + 2 * g.ph - g.KH) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::conv_packed: input ", g.H, "x", g.W, " is too small for kernel ",
               kernel, " with padding ", padding);
   TORCH_CHECK(packed.scalar_type() == x_in.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
                   packed.numel() == packed_numel(g.Cin * g.KH * g.KW, g.Cp, 0),
-              "bsconv_fast::conv_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for the weight "
-              "permuted to (", out_channels, ", ", g.KH, ", ", g.KW, ", ", g.Cin, ") and flattened, with the dtype of x");
+              "bsconv_fast::conv_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for the "
+              "weight permuted to (", out_channels, ", ", g.KH, ", ", g.KW, ", ", g.Cin,
+              ") and flattened, with the dtype of x");
   auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (y.numel() > 0) {

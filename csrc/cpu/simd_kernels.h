@@ -229,7 +229,8 @@ struct Kernels {
   // One row's interior, as plain values: with -fno-strict-aliasing (Python's build flags) every
   // float store would otherwise force the Geometry fields it is computed from to be reloaded.
   struct DwRow {
-    const float* src[kMaxFixedKernel];  // per kernel row: input of the first interior pixel, channel c0 (nullptr: padding)
+    const float* src[kMaxFixedKernel];  // per kernel row: input of the first interior pixel, channel c0
+                                        // (nullptr: a padding row)
     const float* w;                // tap t of channel c0 + c at w[t * Cp + c]
     const float* bias;
     float* y;                      // output of the first interior pixel, channel c0; pixel stride Cout
