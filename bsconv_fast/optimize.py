@@ -129,9 +129,11 @@ class FusedPointwise(PackedInference, nn.Module):
     def _pack(self):
         return torch.ops.bsconv_fast.pack_pw(self.weight, self.bias)
 
+    backend = "cpu-pointwise"
+
     def choice(self, x, residual=None):
         reason = cpu_op_reason(x, self._buffers["weight"], residual)
-        return ("reference", reason) if reason else (f"cpu-pointwise ({_ext.cpu_kernel_isa()})", "")
+        return ("reference", reason) if reason else (f"{self.backend} ({_ext.cpu_kernel_isa()})", "")
 
     def forward(self, x, residual=None):
         if not cpu_op_reason(x, self._buffers["weight"], residual):
@@ -146,18 +148,17 @@ class FusedPointwise(PackedInference, nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class FusedConv(PackedInference, nn.Module):
+class FusedConv(FusedPointwise):
     """Inference k x k convolution act(conv(x, weight, stride, padding) + bias) with few input channels
-    (the image stems) and a folded, frozen weight: bsconv_fast::conv_packed on CPU (each output row's
-    patches gathered, then the GEMM micro-kernel), standard ops otherwise."""
+    (the image stems) and a folded, frozen weight: bsconv_fast::conv_packed on CPU (the GEMM micro-kernel
+    reading each patch in place, gathered only at the borders), standard ops otherwise."""
 
     MAX_IN_CHANNELS = 8  # patches of Cin * KH * KW values per pixel: made for the 3-channel image stems
+    backend = "cpu-conv"
 
     def __init__(self, weight, bias, stride, padding, act=0):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.stride, self.padding, self.act = list(stride), list(padding), act
+        super().__init__(weight, bias, stride, act)
+        self.stride, self.padding = list(stride), list(padding)
 
     @classmethod
     def supports(cls, conv):
@@ -170,17 +171,9 @@ class FusedConv(PackedInference, nn.Module):
         weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
         return cls(weight, bias, conv.stride, conv.padding, act)
 
-    def _source_tensors(self):
-        b = self._buffers
-        return [t for t in (b["weight"], b["bias"]) if t is not None]
-
     def _pack(self):
         w = self.weight
         return torch.ops.bsconv_fast.pack_pw(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1, 1, 1), self.bias)
-
-    def choice(self, x):
-        reason = cpu_op_reason(x, self._buffers["weight"])
-        return ("reference", reason) if reason else (f"cpu-conv ({_ext.cpu_kernel_isa()})", "")
 
     def forward(self, x):
         w = self._buffers["weight"]
@@ -190,9 +183,7 @@ class FusedConv(PackedInference, nn.Module):
         return reference.activation(F.conv2d(x, w, self.bias, self.stride, self.padding), self.act)
 
     def extra_repr(self):
-        acts = {v: k for k, v in reference.ACTIVATIONS.items()}
-        return (f"{self.weight.shape[1]}->{self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
-                f"stride={self.stride}, padding={self.padding}, act={acts[self.act]}")
+        return f"{super().extra_repr()}, kernel={tuple(self.weight.shape[2:])}, padding={self.padding}"
 
 
 class InvertedResidual(nn.Module):

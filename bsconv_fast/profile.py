@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedConv, FusedPointwise, FusedPwDw
+from bsconv_fast.optimize import FusedPointwise, FusedPwDw
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -117,7 +117,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
             if isinstance(module, FUSED):
                 x = _tail_input(module, x)
                 flops, macs, params = _fused_counts(module, x, out)
-            elif isinstance(module, (FusedPointwise, FusedConv)):
+            elif isinstance(module, FusedPointwise):  # and FusedConv
                 flops, macs, params = _dense_counts(module, args, out)
             else:
                 (flops, macs), params = _leaf_counts(module, x, out), _count_params([module])
