@@ -73,9 +73,12 @@ struct OutStore {
 // MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
 // weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise. Pixel r's
 // K = runs.n * runs.len inputs are runs.n runs of runs.len values, run s at a + s * runs.stride + r * lda.
-template <int MR, int NV, typename Store>
+// PF: prefetch the next tile's pixels (one line every other k step: a tile of contiguous pixels
+// spans MR * K / 16 lines, at most K / 2 for MR = 8).
+template <int MR, int NV, bool PF, typename Store>
 BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
                                      const float* bias0, const float* bias1, const Store st) {
+  const float* next = a + MR * lda;
   static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
   const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
   VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
@@ -83,6 +86,7 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
   VReg c80 = i0, c81 = i1, c90 = i0, c91 = i1, ca0 = i0, ca1 = i1, cb0 = i0, cb1 = i1;
   for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += runs.len * kNR, b1 += runs.len * kNR) {
     for (int64_t k = 0; k < runs.len; ++k) {
+      if constexpr (PF) __builtin_prefetch(next + (k >> 1) * 16, 0, 3);
       const VReg w0 = vload(b0 + k * kNR);
       const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
 #define BSCONV_ROW(r, R)                                     \
@@ -108,16 +112,16 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
 }
 
 // All pixel tiles of one column block (NV vectors): npix pixels, pixel p at a + p * lda.
-template <int NV, typename Store>
+template <int NV, bool PF, typename Store>
 BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* b0,
                                        const float* b1, const float* bias0, const float* bias1, const Store st) {
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) gemm_micro<kMR, NV>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
+  for (; p + kMR <= npix; p += kMR) gemm_micro<kMR, NV, PF>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
   const float* ap = a + p * lda;
   const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_micro<(r < kMR ? r : 1), NV>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
+  case r: gemm_micro<(r < kMR ? r : 1), NV, PF>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -134,12 +138,21 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
   constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
   const int64_t K = runs.n * runs.len;
   const auto panel = [&](int64_t c) { return w + (c / kNR) * K * kNR + (c % kNR); };
+  // The first column block meets the pixels cold (the previous layer's output, L3 or further): its
+  // tiles prefetch the next tile's pixels. Later blocks find them in L1/L2, where the prefetches
+  // would only cost issue slots. Measured in whole models (A/B in one process): mobilenetv1 3-4%,
+  // cifar_mobilenetv1 3-4%, mobilenetv3 2% faster, resnet18 and mobilenetv2 unchanged.
   int64_t c = c0;
+  if (c + step <= c0 + cg) {
+    gemm_columns<2, true>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st);
+    c += step;
+  }
   for (; c + step <= c0 + cg; c += step) {
-    gemm_columns<2>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st.shifted(c - c0));
+    gemm_columns<2, false>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes,
+                           st.shifted(c - c0));
   }
   for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
-    gemm_columns<1>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
+    gemm_columns<1, false>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
   }
 }
 
