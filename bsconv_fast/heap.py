@@ -3,9 +3,9 @@
 PyTorch's CPU tensors come from malloc. With glibc's default, adaptive thresholds, a forward pass
 with large activations frees megabytes at the top of the heap, glibc hands them back to the kernel
 (trim) or serves them by mmap, and the next forward touches fresh pages again: an optimize()d
-MobileNetV2 at batch 8 (224x224) takes 8,984 minor page faults per forward with the defaults and 0
-tuned (measured on the project machine; tests/test_heap.py). ONNX Runtime does not pay this: it
-has its own arena. `tune_malloc()` sets two fixed thresholds instead:
+MobileNetV2 at batch 8 (224x224) takes 3,200-8,000 minor page faults per forward with the defaults
+(in most runs: the adaptive thresholds sometimes settle) and 0 tuned, measured on the project
+machine (tests/test_heap.py). ONNX Runtime does not pay this: it has its own arena. `tune_malloc()` sets two fixed thresholds instead:
 blocks up to 32 MiB (glibc's maximum) come from the heap, and up to 256 MiB of free heap is
 kept instead of trimmed. It is process-wide and cannot be undone (mallopt has no getter), which is
 why `optimize()` says it does it and takes `tune_malloc=False`.
