@@ -13,7 +13,7 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
     (InvertedResidual), ResNet units with a projection shortcut add the body's output and apply the
     ReLU in the shortcut's store (ResidualUnit), 1x1 heads and classifiers get their BN and act fused.
   * Remaining ConvBlocks (plain conv -> BN -> act, the stems): the BN folds into the conv's bias, the
-    activation runs in place.
+    activation into the store (FusedConv) or runs in place; the ResNet stem's max pooling joins it.
   * The memory-bound layers around them run bsconv_fast CPU ops (bsconv_fast.glue): a BatchNorm on
     its own (data_bn on the image) as one channels_last affine pass, max pooling, global average
     pooling, and squeeze-excitation units (pool, 1x1 + act, 1x1, gate, scale).
@@ -150,15 +150,19 @@ class FusedPointwise(PackedInference, nn.Module):
 
 class FusedConv(FusedPointwise):
     """Inference k x k convolution act(conv(x, weight, stride, padding) + bias) with few input channels
-    (the image stems) and a folded, frozen weight: bsconv_fast::conv_packed on CPU (the GEMM micro-kernel
-    reading each patch in place, gathered only at the borders), standard ops otherwise."""
+    (the image stems) and a folded, frozen weight, optionally followed by max pooling (`pool`: kernel,
+    stride, padding): bsconv_fast::conv_packed / conv_pool_packed on CPU (the GEMM micro-kernel reading
+    each patch in place, gathered only at the borders; the pooled stem never writes the convolution's
+    output), standard ops otherwise."""
 
     MAX_IN_CHANNELS = 8  # patches of Cin * KH * KW values per pixel: made for the 3-channel image stems
+    MAX_POOL_KERNEL = 16  # the pooled stem keeps that many convolution rows per thread
     backend = "cpu-conv"
 
-    def __init__(self, weight, bias, stride, padding, act=0):
+    def __init__(self, weight, bias, stride, padding, act=0, pool=None):
         super().__init__(weight, bias, stride, act)
         self.stride, self.padding = list(stride), list(padding)
+        self.pool = None if pool is None else [list(v) for v in pool]
 
     @classmethod
     def supports(cls, conv):
@@ -171,6 +175,13 @@ class FusedConv(FusedPointwise):
         weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
         return cls(weight, bias, conv.stride, conv.padding, act)
 
+    def with_pool(self, pool):
+        """This stem followed by `pool` (an nn.MaxPool2d that MaxPool supports), or None."""
+        if not MaxPool.supports(pool) or nn.modules.utils._pair(pool.kernel_size)[0] > self.MAX_POOL_KERNEL:
+            return None
+        p = MaxPool.from_pool(pool)
+        return FusedConv(self.weight, self.bias, self.stride, self.padding, self.act, (p.kernel, p.stride, p.padding))
+
     def _pack(self):
         w = self.weight
         return torch.ops.bsconv_fast.pack_pw(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1, 1, 1), self.bias)
@@ -178,12 +189,16 @@ class FusedConv(FusedPointwise):
     def forward(self, x):
         w = self._buffers["weight"]
         if not cpu_op_reason(x, w):
-            return torch.ops.bsconv_fast.conv_packed(x, self._packed_weights(), w.shape[0], list(w.shape[2:]),
-                                                     self.stride, self.padding, self.act)
-        return reference.activation(F.conv2d(x, w, self.bias, self.stride, self.padding), self.act)
+            args = (x, self._packed_weights(), w.shape[0], list(w.shape[2:]), self.stride, self.padding, self.act)
+            if self.pool is None:
+                return torch.ops.bsconv_fast.conv_packed(*args)
+            return torch.ops.bsconv_fast.conv_pool_packed(*args, *self.pool)
+        y = reference.activation(F.conv2d(x, w, self.bias, self.stride, self.padding), self.act)
+        return y if self.pool is None else F.max_pool2d(y, *self.pool)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, kernel={tuple(self.weight.shape[2:])}, padding={self.padding}"
+        pool = "" if self.pool is None else f", max_pool={self.pool}"
+        return f"{super().extra_repr()}, kernel={tuple(self.weight.shape[2:])}, padding={self.padding}{pool}"
 
 
 class InvertedResidual(nn.Module):
@@ -362,6 +377,9 @@ def _rewrite(module):
             new = rewrite_standard_unit(child)
         elif kind == "SEUnit" and hasattr(child, "conv1") and hasattr(child, "activation2"):
             new = rewrite_se_unit(child)
+        elif kind == "InitUnitLarge" and _is_conv_block(getattr(child, "conv", None)) and hasattr(child, "pool"):
+            stem = fold_conv_block(child.conv)  # the ResNet stem: conv -> BN -> ReLU -> max pool in one op
+            new = stem.with_pool(child.pool) if isinstance(stem, FusedConv) else None
         elif _is_conv_block(child) and isinstance(child.conv, (BSConvU, BSConvS)):
             new = fuse_bsconv(*_block_parts(child))
         elif isinstance(child, nn.Sequential) and len(child) in (2, 3) and isinstance(child[0], (BSConvU, BSConvS)) \

@@ -51,6 +51,10 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // padding) + bias), `packed` = pack_pw of the weight permuted to (Cout, KH, KW, Cin).
   m.def("conv_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
         "int act) -> Tensor");
+  // The same followed by max pooling (the ResNet stem), in one pass: max_pool2d(conv_packed(...),
+  // pool_kernel, pool_stride, pool_padding).
+  m.def("conv_pool_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
+        "int act, int[2] pool_kernel, int[2] pool_stride, int[2] pool_padding) -> Tensor");
   // The memory-bound ops around them (inference, CPU; csrc/cpu/glue_cpu.cpp): y = x * scale[c] +
   // shift[c] written channels_last (an eval BatchNorm on the network input), k x k max pooling, and
   // the mean over H x W as an (N, C, 1, 1) tensor.

@@ -1,5 +1,6 @@
 """bsconv_fast::conv_packed (the image stems: dense k x k convolution, gathered patches on the GEMM
 micro-kernel) and FusedConv, against float64 F.conv2d + activation."""
+import copy
 import math
 
 import pytest
@@ -56,6 +57,66 @@ def test_grid(case, memory_format):
     assert_close_to_reference(out, want, weight[0].numel(), str(case))
     if x.numel() and min(out.shape[1:]) > 1:  # the output keeps the input's format (as torch suggests it)
         assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+# (n, cin, cout, h, w, kernel, stride, padding, pool kernel, pool stride, pool padding): the ResNet stem,
+# a pool window taller than the stride (rows shared by pooled rows), no pool padding, stride 1 pools.
+POOL_GRID = [
+    (1, 3, 64, 45, 37, 7, 2, 3, (3, 3), (2, 2), (1, 1)),
+    (2, 3, 19, 23, 29, 3, 1, 1, (3, 2), (2, 1), (1, 0)),
+    (3, 4, 33, 17, 13, 5, 2, 2, (2, 2), (2, 2), (0, 0)),
+    (1, 3, 8, 9, 11, 3, 1, 1, (5, 5), (1, 1), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pooled_stem_matches_conv_then_max_pool(case, dtype):
+    n, cin, cout, h, w, k, s, p, pk, ps, pp = case
+    x, weight, bias = _problem(n, cin, cout, h, w, k, dtype)
+    x[0, 0, h // 2, w // 3] = float("nan")  # a NaN input makes NaN outputs, and the pool must keep them
+    out = torch.ops.bsconv_fast.conv_pool_packed(x, _packed(weight, bias), cout, [k, k], [s, s], [p, p], 1,
+                                                 list(pk), list(ps), list(pp))
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), s, p)), pk, ps, pp)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert_close_to_reference(out.nan_to_num(), want.nan_to_num(), cin * k * k, str(case))
+
+
+def test_pooled_stem_module_and_optimize():
+    B = pytest.importorskip("bsconv.pytorch")
+    model = B.get_model("resnet10_bsconvu", num_classes=10).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    stem = fast.backbone.init_unit
+    assert isinstance(stem, FusedConv) and stem.pool == [[3, 3], [2, 2], [1, 1]]  # conv, BN, ReLU and max pool
+    x = torch.randn(2, 3, 45, 51)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = stem(x)
+    assert {e.key for e in prof.key_averages()} >= {"bsconv_fast::conv_pool_packed"}
+    assert "aten::max_pool2d" not in {e.key for e in prof.key_averages()}
+    with torch.no_grad():
+        want = copy.deepcopy(model.backbone.init_unit).double()(x.double())
+        assert_close_to_reference(got, want, 3 * 49, "pooled stem")
+        xg = x.clone().requires_grad_()  # the standard ops under autograd, same values
+    out = stem(xg)
+    out.sum().backward()
+    assert_close_to_reference(out.detach(), want, 3 * 49, "pooled stem, autograd path")
+    assert bsconv_fast.profile(fast, (1, 3, 64, 64)).total_macs == bsconv_fast.profile(model, (1, 3, 64, 64)).total_macs
+
+
+def test_pooled_stem_opcheck_and_bad_arguments():
+    x, weight, bias = _problem(2, 3, 10, 12, 11, 3)
+    packed = _packed(weight, bias)
+    args = (x, packed, 10, [3, 3], [2, 2], [1, 1], 1)
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_pool_packed.default, (*args, [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_pool_packed.default,
+                          (x.contiguous(memory_format=torch.channels_last), *args[1:], [2, 3], [1, 2], [1, 0]))
+    with pytest.raises(RuntimeError, match=r"pool_padding must be in \[0, pool_kernel / 2\]"):
+        torch.ops.bsconv_fast.conv_pool_packed(*args, [3, 3], [2, 2], [2, 2])
+    with pytest.raises(RuntimeError, match=r"pool_kernel must be in \[1, 16\]"):
+        torch.ops.bsconv_fast.conv_pool_packed(*args, [17, 3], [2, 2], [0, 0])
+    with pytest.raises(RuntimeError, match="output is too small for pool_kernel"):
+        torch.ops.bsconv_fast.conv_pool_packed(*args, [9, 9], [1, 1], [0, 0])
 
 
 @pytest.mark.parametrize("act", sorted(reference.ACTIVATIONS.values()))

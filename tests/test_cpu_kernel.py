@@ -6,8 +6,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bsconv_fast
+from bsconv_fast import reference
 from helpers import assert_close_to_reference, random_problem, ref64
 
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
@@ -83,14 +85,18 @@ def test_non_contiguous_input():
     assert_close_to_reference(out, ref64(x, pw, dw, None, None, (1, 1), (1, 1), (1, 1)), 29, "non-contiguous")
 
 
-def test_nan_inf_propagate_like_reference():
-    x, pw, dw, _, b = random_problem(1, 5, 7, 9, 9, 3)
-    x[0, 1, 4, 4] = float("nan")
+@pytest.mark.parametrize("acts", [(0, 0), (1, 2), (2, 1), (3, 3)], ids=["none", "relu-relu6", "relu6-relu", "hswish"])
+def test_nan_inf_propagate_like_reference(acts):
+    x, pw, dw, mb, b = random_problem(1, 5, 7, 9, 21, 3, mid_bias=True)
+    x[0, 1, 4, 4] = float("nan")  # NaN through both epilogues (relu and relu6 must not turn it into 0)
     x[0, 2, 0, 0] = float("inf")
-    out = bsconv_fast.bsconv_u(x, pw, dw, b, 1, 1)
-    ref = ref64(x, pw, dw, None, b, (1, 1), (1, 1), (1, 1))
+    out = bsconv_fast.pw_dw(x, pw, dw, mb, b, (1, 1), (1, 1), (1, 1), *acts)
+    ref = ref64(x, pw, dw, mb, b, (1, 1), (1, 1), (1, 1), *acts)
+    assert torch.isnan(ref).any()
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    y = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), 7, [1, 1], acts[0], None)
+    assert torch.equal(torch.isnan(y), torch.isnan(reference.activation(F.conv2d(x.double(), pw.double()), acts[0])))
 
 
 _ISA_SCRIPT = """

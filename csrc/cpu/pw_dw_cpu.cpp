@@ -38,6 +38,7 @@ namespace {
 constexpr int64_t kNR = 16;         // output channels per packed weight panel
 constexpr int64_t kMinPixels = 96;  // pointwise pixels per GEMM call we aim for
 constexpr int kMaxFixedKernel = 5;  // largest kernel with a specialised depthwise path (5x5)
+constexpr int kMaxPoolKernel = 16;  // largest max-pooling window height conv_pool_packed takes
 
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
 
@@ -46,7 +47,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 inline T act_scalar(T v, int64_t act) {
   switch (act) {
-    case kRelu: return v > T(0) ? v : T(0);
+    case kRelu: return v < T(0) ? T(0) : v;  // NaN stays NaN, as in torch.relu
     case kRelu6: return std::min(std::max(v, T(0)), T(6));
     case kHardswish: return v * std::min(std::max(v + T(3), T(0)), T(6)) / T(6);
     case kSilu: return v / (T(1) + std::exp(-v));
@@ -127,6 +128,24 @@ struct ScalarKernels {
     }
   }
 
+  // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns, NaN winning.
+  static void max_pool_row(const T* const* rows, int64_t nrows, int64_t W, int64_t C, int64_t KW, int64_t sw,
+                           int64_t pw, int64_t OW, T* y) {
+    for (int64_t q = 0; q < OW; ++q) {
+      const int64_t iw0 = q * sw - pw, lo = std::max<int64_t>(0, iw0), hi = std::min(W, iw0 + KW);
+      for (int64_t c = 0; c < C; ++c) {
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t i = 0; i < nrows; ++i) {
+          for (int64_t iw = lo; iw < hi; ++iw) {
+            const T v = rows[i][iw * C + c];
+            if (v > m || v != v) m = v;
+          }
+        }
+        y[q * C + c] = m;
+      }
+    }
+  }
+
   static void dw_row(const Geometry& g, const Operands<T>& o, const T* const* rows, int64_t n,
                      int64_t oh, int64_t c0, int64_t cg) {
     const int64_t cend = std::min(c0 + cg, g.Cout);
@@ -175,6 +194,10 @@ BSCONV_TARGET inline __m256i first_lanes(int64_t n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirstLanes + 8 - n));
 }
 BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+// max(m, v), where a NaN v wins (torch.max_pool2d propagates NaN)
+BSCONV_TARGET inline VReg vmax_nan(VReg m, VReg v) {
+  return _mm256_blendv_ps(m, v, _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
 BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
 #include "simd_kernels.h"
 #undef BSCONV_TARGET
@@ -201,6 +224,10 @@ BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
 }
 BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+// max(m, v), where a NaN v wins (torch.max_pool2d propagates NaN)
+BSCONV_TARGET inline VReg vmax_nan(VReg m, VReg v) {
+  return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
 }
 #include "simd_kernels.h"
 #undef BSCONV_TARGET
@@ -417,14 +444,32 @@ void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, in
   }
 }
 
-// Output pixels [ow0, ow1) of row r (image n, row oh) from gathered patches.
+// Output pixels [ow0, ow1) of row oh of image n from gathered patches, into out (pixel stride Cout).
 template <typename T, typename K>
-void conv_gathered(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y, int64_t r, int64_t ow0,
-                   int64_t ow1, T* cols) {
+void conv_gathered(const ConvGeometry& g, const T* x, const T* w, const T* b, int64_t n, int64_t oh, int64_t ow0,
+                   int64_t ow1, T* out, T* cols) {
   if (ow0 >= ow1) return;
   const int64_t Kd = g.KH * g.KW * g.Cin;
-  gather_patches(g, x, r / g.OH, r % g.OH, ow0, ow1, cols);
-  K::pw_out(cols, Kd, Runs{1, Kd, 0}, ow1 - ow0, w, b, 0, g.Cp, g.Cout, g.act, y + (r * g.OW + ow0) * g.Cout, nullptr);
+  gather_patches(g, x, n, oh, ow0, ow1, cols);
+  K::pw_out(cols, Kd, Runs{1, Kd, 0}, ow1 - ow0, w, b, 0, g.Cp, g.Cout, g.act, out + ow0 * g.Cout, nullptr);
+}
+
+// Output row oh of image n into out (OW pixels x Cout channels); cols: OW * KH * KW * Cin values.
+template <typename T, typename K>
+void conv_row(const ConvGeometry& g, const T* x, const T* w, const T* b, int64_t n, int64_t oh, T* out, T* cols) {
+  // Columns whose window lies inside the image: iw0 >= 0 and iw0 + KW <= W.
+  const int64_t lo = std::min(g.OW, ceil_div(g.pw, g.sw));
+  const int64_t hi = g.W + g.pw < g.KW ? lo : std::max(lo, std::min(g.OW, (g.W + g.pw - g.KW) / g.sw + 1));
+  const int64_t ih0 = oh * g.sh - g.ph;
+  if (ih0 < 0 || ih0 + g.KH > g.H || lo >= hi) {  // the window leaves the image at the top or bottom
+    conv_gathered<T, K>(g, x, w, b, n, oh, 0, g.OW, out, cols);
+    return;
+  }
+  conv_gathered<T, K>(g, x, w, b, n, oh, 0, lo, out, cols);
+  conv_gathered<T, K>(g, x, w, b, n, oh, hi, g.OW, out, cols);
+  const T* a = x + ((n * g.H + ih0) * g.W + lo * g.sw - g.pw) * g.Cin;
+  K::pw_out(a, g.sw * g.Cin, Runs{g.KH, g.KW * g.Cin, g.W * g.Cin}, hi - lo, w, b, 0, g.Cp, g.Cout, g.act,
+            out + lo * g.Cout, nullptr);
 }
 
 // Output rows split over threads in contiguous runs.
@@ -432,22 +477,38 @@ template <typename T, typename K>
 void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH;
   const int64_t threads = threads_for(rows * g.OW * Kd * g.Cp);
-  // Columns whose window lies inside the image: iw0 >= 0 and iw0 + KW <= W.
-  const int64_t lo = std::min(g.OW, ceil_div(g.pw, g.sw));
-  const int64_t hi = g.W + g.pw < g.KW ? lo : std::max(lo, std::min(g.OW, (g.W + g.pw - g.KW) / g.sw + 1));
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     T* const cols = thread_scratch<T>(g.OW * Kd);
+    for (int64_t r = r0; r < r1; ++r) conv_row<T, K>(g, x, w, b, r / g.OH, r % g.OH, y + r * g.OW * g.Cout, cols);
+  });
+}
+
+// bsconv_fast::conv_pool_packed: the stem convolution followed by k x k max pooling (the ResNet stem),
+// in one pass: each thread keeps the last PKH convolution rows in a ring and pools them as soon as a
+// pooled row's window is complete, so the convolution's output (3.2 MB for ResNet-18) never leaves
+// the cache. Padding is ignored by the max, as in torch.max_pool2d.
+struct PoolGeometry {
+  int64_t KH, KW, sh, sw, ph, pw, OH, OW;
+};
+
+template <typename T, typename K>
+void run_conv_pool(const ConvGeometry& g, const PoolGeometry& p, const T* x, const T* w, const T* b, T* y) {
+  const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * p.OH, row_elems = g.OW * g.Cout;
+  const int64_t threads = threads_for(g.N * g.OH * g.OW * Kd * g.Cp);
+  at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
+    T* const cols = thread_scratch<T>(g.OW * Kd + p.KH * row_elems + kNR);
+    T* const ring = cols + ceil_div(g.OW * Kd, kNR) * kNR;  // 64-byte aligned rows when Cout % 16 == 0
+    const T* window[kMaxPoolKernel];
+    int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.OH, ih0 = r % g.OH * g.sh - g.ph;
-      if (ih0 < 0 || ih0 + g.KH > g.H || lo >= hi) {  // the window leaves the image at the top or bottom
-        conv_gathered<T, K>(g, x, w, b, y, r, 0, g.OW, cols);
-        continue;
+      const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
+      const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
+      if (n != image) image = n, next_row = lo;
+      for (next_row = std::max(next_row, lo); next_row < hi; ++next_row) {
+        conv_row<T, K>(g, x, w, b, n, next_row, ring + next_row % p.KH * row_elems, cols);
       }
-      conv_gathered<T, K>(g, x, w, b, y, r, 0, lo, cols);
-      conv_gathered<T, K>(g, x, w, b, y, r, hi, g.OW, cols);
-      const T* a = x + ((n * g.H + ih0) * g.W + lo * g.sw - g.pw) * g.Cin;
-      K::pw_out(a, g.sw * g.Cin, Runs{g.KH, g.KW * g.Cin, g.W * g.Cin}, hi - lo, w, b, 0, g.Cp, g.Cout, g.act,
-                y + (r * g.OW + lo) * g.Cout, nullptr);
+      for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % p.KH * row_elems;
+      K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
     }
   });
 }
@@ -718,41 +779,87 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
-at::Tensor conv_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels,
-                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
-  TORCH_CHECK(x_in.dim() == 4, "bsconv_fast::conv_packed: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "bsconv_fast::conv_packed (CPU): supports float32 and float64, got ", x_in.scalar_type());
-  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::conv_packed: bad kernel ", kernel);
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::conv_packed: bad stride ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "bsconv_fast::conv_packed: bad padding ",
+namespace {
+
+// The stem convolution's geometry, with its arguments checked (`op` names the caller in errors).
+ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act, const char* op) {
+  TORCH_CHECK(x.dim() == 4, "bsconv_fast::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "bsconv_fast::", op,
+              " (CPU): supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::", op, ": bad kernel ", kernel);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::", op, ": bad stride ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "bsconv_fast::", op, ": bad padding ",
               padding);
-  TORCH_CHECK(act >= 0 && act <= 4, "bsconv_fast::conv_packed: activation code must be in [0, 4], got ", act);
-  TORCH_CHECK(out_channels > 0, "bsconv_fast::conv_packed: out_channels must be positive, got ", out_channels);
-  ConvGeometry g{x_in.size(0), x_in.size(2), x_in.size(3), x_in.size(1), out_channels,
-                 ceil_div(out_channels, kNR) * kNR, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-                 0, 0, act};
+  TORCH_CHECK(act >= 0 && act <= 4, "bsconv_fast::", op, ": activation code must be in [0, 4], got ", act);
+  TORCH_CHECK(out_channels > 0, "bsconv_fast::", op, ": out_channels must be positive, got ", out_channels);
+  ConvGeometry g{x.size(0), x.size(2), x.size(3), x.size(1), out_channels, ceil_div(out_channels, kNR) * kNR,
+                 kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], 0, 0, act};
   g.OH = (g.H + 2 * g.ph - g.KH) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::conv_packed: input ", g.H, "x", g.W, " is too small for kernel ",
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::", op, ": input ", g.H, "x", g.W, " is too small for kernel ",
               kernel, " with padding ", padding);
-  TORCH_CHECK(packed.scalar_type() == x_in.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
                   packed.numel() == packed_numel(g.Cin * g.KH * g.KW, g.Cp, 0),
-              "bsconv_fast::conv_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for the "
+              "bsconv_fast::", op, ": packed must be the contiguous buffer bsconv_fast::pack_pw gives for the "
               "weight permuted to (", out_channels, ", ", g.KH, ", ", g.KW, ", ", g.Cin,
               ") and flattened, with the dtype of x");
-  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return g;
+}
+
+// Runs `run(x, w, b, y)` (pointers of the dispatched dtype and kernel family) into a channels_last
+// output of `sizes`; the result keeps the input's memory format.
+template <typename Run>
+at::Tensor conv_output(const at::Tensor& x_in, const at::Tensor& packed, at::IntArrayRef sizes, int64_t bias_offset,
+                       const Run& run) {
+  auto y = at::empty(sizes, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (y.numel() > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_conv_cpu", [&] {
       const scalar_t* w = packed.data_ptr<scalar_t>();
-      const scalar_t *xp = x.data_ptr<scalar_t>(), *b = w + g.Cp * g.Cin * g.KH * g.KW;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
-      with_kernels<scalar_t>([&](auto k) { run_conv<scalar_t, decltype(k)>(g, xp, w, b, yp); });
+      with_kernels<scalar_t>([&](auto k) { run(k, xp, w, w + bias_offset, yp); });
     });
   }
   return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
+}  // namespace
+
+at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
+                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
+  const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_packed");
+  return conv_output(x, packed, {g.N, g.Cout, g.OH, g.OW}, g.Cp * g.Cin * g.KH * g.KW,
+                     [&](auto k, const auto* xp, const auto* w, const auto* b, auto* yp) {
+                       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+                       run_conv<T, decltype(k)>(g, xp, w, b, yp);
+                     });
+}
+
+at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
+                                at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
+                                at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                                at::IntArrayRef pool_padding) {
+  const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_pool_packed");
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2 && pool_padding.size() == 2,
+              "bsconv_fast::conv_pool_packed: pool_kernel, pool_stride and pool_padding need 2 values each");
+  PoolGeometry p{pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1], pool_padding[0], pool_padding[1], 0, 0};
+  TORCH_CHECK(p.KH > 0 && p.KW > 0 && p.KH <= kMaxPoolKernel && p.sh > 0 && p.sw > 0,
+              "bsconv_fast::conv_pool_packed: pool_kernel must be in [1, ", kMaxPoolKernel,
+              "] and pool_stride positive, got ", pool_kernel, " and ", pool_stride);
+  TORCH_CHECK(p.ph >= 0 && p.pw >= 0 && 2 * p.ph <= p.KH && 2 * p.pw <= p.KW,
+              "bsconv_fast::conv_pool_packed: pool_padding must be in [0, pool_kernel / 2], got ", pool_padding);
+  p.OH = (g.OH + 2 * p.ph - p.KH) / p.sh + 1;
+  p.OW = (g.OW + 2 * p.pw - p.KW) / p.sw + 1;
+  TORCH_CHECK(p.OH > 0 && p.OW > 0, "bsconv_fast::conv_pool_packed: the convolution's ", g.OH, "x", g.OW,
+              " output is too small for pool_kernel ", pool_kernel);
+  return conv_output(x, packed, {g.N, g.Cout, p.OH, p.OW}, g.Cp * g.Cin * g.KH * g.KW,
+                     [&](auto k, const auto* xp, const auto* w, const auto* b, auto* yp) {
+                       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+                       run_conv_pool<T, decltype(k)>(g, p, xp, w, b, yp);
+                     });
 }
 
 TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
@@ -762,6 +869,7 @@ TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pack_pw", &pack_pw_cpu);
   m.impl("pw_packed", &pw_packed_cpu);
   m.impl("conv_packed", &conv_packed_cpu);
+  m.impl("conv_pool_packed", &conv_pool_packed_cpu);
 }
 
 }  // namespace cpu

@@ -2,7 +2,8 @@
 // pw_dw_cpu.cpp, inside a namespace that defines:
 //   BSCONV_TARGET  function attribute enabling the ISA
 //   VReg, kLanes   vector register type and its float lanes
-//   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vstore_first(n), vload_first(n)
+//   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vmax_nan, vstore_first(n),
+//   vload_first(n)
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
 // Needs Geometry, Operands, Runs, valid_taps, ceil_div, act_scalar and kNR from the including file.
 //
@@ -14,8 +15,9 @@
 BSCONV_TARGET __attribute__((always_inline)) inline VReg vact(VReg v, int64_t act) {
   const VReg zero = vset1(0.f);
   switch (act) {
-    case kRelu: return vmax(v, zero);
-    case kRelu6: return vmin(vmax(v, zero), vset1(6.f));
+    // max/min return their second operand when either is NaN: v goes second, so NaN stays NaN as in torch
+    case kRelu: return vmax(zero, v);
+    case kRelu6: return vmin(vset1(6.f), vmax(zero, v));
     case kHardswish: return vdiv(vmul(v, vmin(vmax(vadd(v, vset1(3.f)), zero), vset1(6.f))), vset1(6.f));
     default: return v;  // kSilu is finished in scalar code after the store (it needs exp)
   }
@@ -170,6 +172,23 @@ struct Kernels {
                                    const float* res) {
     gemm_panels(a, lda, runs, npix, w, bias, c0, cg,
                 OutStore{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0, act});
+  }
+
+  // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns (NaN winning),
+  // one channel vector at a time with the running max in a register.
+  BSCONV_TARGET static void max_pool_row(const float* const* rows, int64_t nrows, int64_t W, int64_t C, int64_t KW,
+                                         int64_t sw, int64_t pw, int64_t OW, float* y) {
+    for (int64_t q = 0; q < OW; ++q, y += C) {
+      const int64_t iw0 = q * sw - pw, lo = std::max<int64_t>(0, iw0), hi = std::min(W, iw0 + KW);
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, C - c);
+        VReg m = vset1(-std::numeric_limits<float>::infinity());
+        for (int64_t i = 0; i < nrows; ++i) {
+          for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload_first(rows[i] + iw * C + c, n));
+        }
+        vstore_first(y + c, m, n);
+      }
+    }
   }
 
   BSCONV_TARGET static void dw_row(const Geometry& g, const Operands<float>& o, const float* const* rows,
