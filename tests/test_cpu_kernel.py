@@ -129,6 +129,17 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     conv = torch.ops.bsconv_fast.conv_packed(x3, packed3, cout, [3, 3], list(pr(s)), [1, 1], 1)
     want = torch.relu(torch.nn.functional.conv2d(x3.double(), w3.double(), b.double(), pr(s), 1))
     assert_close_to_reference(conv, want, 27, "conv " + str(case))
+    # max pooling (NaN winning) alone and after the stem: full 16-channel vectors and a tail
+    z = torch.randn(n, cout, h + 2, w + 1).contiguous(memory_format=torch.channels_last)
+    z[0, cout - 1, 1, 2] = float("nan")
+    pooled = torch.ops.bsconv_fast.max_pool(z, [3, 3], [2, 2], [1, 1])
+    want = torch.nn.functional.max_pool2d(z, 3, 2, 1)
+    assert torch.equal(pooled.isnan(), want.isnan()) and torch.equal(pooled.nan_to_num(), want.nan_to_num())
+    stem = torch.ops.bsconv_fast.conv_pool_packed(x3, packed3, cout, [3, 3], list(pr(s)), [1, 1], 1,
+                                                  [3, 3], [2, 2], [1, 1])
+    want = torch.nn.functional.max_pool2d(
+        torch.relu(torch.nn.functional.conv2d(x3.double(), w3.double(), b.double(), pr(s), 1)), 3, 2, 1)
+    assert_close_to_reference(stem, want, 27, "pooled stem " + str(case))
 print(json.dumps(bsconv_fast._ext.cpu_kernel_isa()))
 """
 

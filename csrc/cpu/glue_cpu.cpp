@@ -1,11 +1,12 @@
 // CPU implementations of the small memory-bound ops that optimize() puts around the fused layers:
 //   channel_affine   y = x * scale[c] + shift[c], written channels_last (the eval-mode BatchNorm on
 //                    a network's input; an NCHW input is transposed in the same pass)
-//   max_pool         k x k max pooling (the ResNet stem), NaN-propagating like torch.max_pool2d
+//   max_pool         k x k max pooling (the ResNet stem), NaN-propagating like torch.max_pool2d, on
+//                    the fused op's kernel families (pw_dw_cpu.cpp, shared with the pooled stem)
 //   global_avg_pool  mean over H x W -> (N, C, 1, 1) (before classifiers, in squeeze-excitation)
 // They read and write channels_last, where the innermost loop runs over contiguous channels and
-// vectorises. Their float32 loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
-// loader picks one (target_clones); BSCONV_FAST_ISA does not apply to them.
+// vectorises. The affine and mean loops are compiled for AVX-512, AVX2 and baseline x86-64 and
+// the loader picks one (target_clones); BSCONV_FAST_ISA does not apply to them.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -120,58 +121,7 @@ at::Tensor channel_affine_cpu(const at::Tensor& x, const at::Tensor& scale, cons
 }
 
 // ---------------------------------------------------------------- max_pool
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (b > a || b != b) ? b : a;  // a NaN in the window wins, as in torch.max_pool2d
-}
-
-// The max over one output pixel's window, channels [0, CB): a compile-time block width lets the
-// running maxima stay in registers instead of going through memory on every tap.
-template <int64_t CB, typename T>
-inline void max_taps(const T* x, int64_t W, int64_t C, int64_t kh0, int64_t kh1, int64_t kw0, int64_t kw1, T* y,
-                     int64_t cb = CB) {
-  T acc[CB];
-  for (int64_t j = 0; j < CB; ++j) acc[j] = -std::numeric_limits<T>::infinity();
-  for (int64_t kh = kh0; kh < kh1; ++kh) {
-    for (int64_t kw = kw0; kw < kw1; ++kw) {
-      const T* xp = x + (kh * W + kw) * C;
-      for (int64_t j = 0; j < CB; ++j) acc[j] = nan_max(acc[j], j < cb ? xp[j] : acc[j]);
-    }
-  }
-  for (int64_t j = 0; j < cb; ++j) y[j] = acc[j];
-}
-
-// One output row. x points at input pixel (oh * sh - ph, -pw), possibly outside the image: only
-// taps [kh0, kh1) and each pixel's valid columns are read.
-template <typename T>
-BSCONV_CLONES void max_pool_row(const T* x, int64_t W, int64_t C, int64_t KW, int64_t sw, int64_t pw, int64_t OW,
-                                int64_t kh0, int64_t kh1, T* y) {
-  constexpr int64_t kBlock = 64;
-  for (int64_t ow = 0; ow < OW; ++ow, y += C) {
-    const int64_t iw0 = ow * sw - pw;
-    const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min(KW, W - iw0);
-    const T* xp = x + (ow * sw) * C;
-    int64_t c = 0;
-    for (; c + kBlock <= C; c += kBlock) max_taps<kBlock>(xp + c, W, C, kh0, kh1, kw0, kw1, y + c);
-    for (; c < C; c += 16) max_taps<16>(xp + c, W, C, kh0, kh1, kw0, kw1, y + c, std::min<int64_t>(16, C - c));
-  }
-}
-
-template <typename T>
-void max_pool_impl(const at::Tensor& x, at::Tensor& y, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
-                   int64_t pw) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = y.size(2), OW = y.size(3);
-  const T* xp = x.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
-  at::parallel_for(0, N * OH, std::max<int64_t>(1, kGrainElements / (OW * C * KH * KW)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / OH, ih0 = r % OH * sh - ph;
-      const int64_t kh0 = std::max<int64_t>(0, -ih0), kh1 = std::min(KH, H - ih0);
-      max_pool_row<T>(xp + ((n * H + ih0) * W - pw) * C, W, C, KW, sw, pw, OW, kh0, kh1, yp + r * OW * C);
-    }
-  });
-}
-
+// On the kernel families of the fused op (pw_dw_cpu.cpp), which the pooled stem uses too.
 at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                         at::IntArrayRef padding) {
   check_float(x_in, "max_pool");
@@ -190,9 +140,10 @@ at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntA
   auto y = output({x_in.size(0), x_in.size(1), OH, OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_max_pool", [&] {
-      max_pool_impl<scalar_t>(x, y, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]);
-    });
+    const PoolShape shape{x.size(0), x.size(2), x.size(3), x.size(1), kernel[0], kernel[1], stride[0], stride[1],
+                          padding[0], padding[1], OH, OW};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_max_pool",
+                               [&] { max_pool(shape, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()); });
   }
   return channels_last(x_in) ? y : y.contiguous();
 }

@@ -484,15 +484,12 @@ void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
 }
 
 // bsconv_fast::conv_pool_packed: the stem convolution followed by k x k max pooling (the ResNet stem),
-// in one pass: each thread keeps the last PKH convolution rows in a ring and pools them as soon as a
-// pooled row's window is complete, so the convolution's output (3.2 MB for ResNet-18) never leaves
-// the cache. Padding is ignored by the max, as in torch.max_pool2d.
-struct PoolGeometry {
-  int64_t KH, KW, sh, sw, ph, pw, OH, OW;
-};
-
+// in one pass: each thread keeps the last KH convolution rows of the pool in a ring and pools them as
+// soon as a pooled row's window is complete, so the convolution's output (3.2 MB for ResNet-18)
+// never leaves the cache. Padding is ignored by the max, as in torch.max_pool2d. `p` describes the
+// pooling of the convolution's output (its H, W, C are OH, OW, Cout).
 template <typename T, typename K>
-void run_conv_pool(const ConvGeometry& g, const PoolGeometry& p, const T* x, const T* w, const T* b, T* y) {
+void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * p.OH, row_elems = g.OW * g.Cout;
   const int64_t threads = threads_for(g.N * g.OH * g.OW * Kd * g.Cp);
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
@@ -509,6 +506,21 @@ void run_conv_pool(const ConvGeometry& g, const PoolGeometry& p, const T* x, con
       }
       for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % p.KH * row_elems;
       K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
+    }
+  });
+}
+
+// bsconv_fast::max_pool: pooled rows split over threads; each reads its window's input rows in place.
+template <typename T, typename K>
+void run_max_pool(const PoolShape& s, const T* x, T* y) {
+  const int64_t rows = s.N * s.OH, threads = threads_for(rows * s.OW * s.C * s.KH * s.KW);
+  at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
+    std::vector<const T*> window(s.KH);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.OH, ih0 = r % s.OH * s.sh - s.ph;
+      const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(s.H, ih0 + s.KH);
+      for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = x + (n * s.H + ih) * s.W * s.C;
+      K::max_pool_row(window.data(), hi - lo, s.W, s.C, s.KW, s.sw, s.pw, s.OW, y + r * s.OW * s.C);
     }
   });
 }
@@ -595,6 +607,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& pw_weight, const at::Te
 }
 
 }  // namespace
+
+void max_pool(const PoolShape& s, const float* x, float* y) {
+  with_kernels<float>([&](auto k) { run_max_pool<float, decltype(k)>(s, x, y); });
+}
+
+void max_pool(const PoolShape& s, const double* x, double* y) {
+  with_kernels<double>([&](auto k) { run_max_pool<double, decltype(k)>(s, x, y); });
+}
 
 bool poison_outputs() {
   static const bool poison = [] {
@@ -845,7 +865,8 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
   const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_pool_packed");
   TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2 && pool_padding.size() == 2,
               "bsconv_fast::conv_pool_packed: pool_kernel, pool_stride and pool_padding need 2 values each");
-  PoolGeometry p{pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1], pool_padding[0], pool_padding[1], 0, 0};
+  PoolShape p{g.N, g.OH, g.OW, g.Cout, pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1],
+              pool_padding[0], pool_padding[1], 0, 0};
   TORCH_CHECK(p.KH > 0 && p.KW > 0 && p.KH <= kMaxPoolKernel && p.sh > 0 && p.sw > 0,
               "bsconv_fast::conv_pool_packed: pool_kernel must be in [1, ", kMaxPoolKernel,
               "] and pool_stride positive, got ", pool_kernel, " and ", pool_stride);

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <cstdint>
+
 namespace bsconv_fast {
 namespace cpu {
 // The float32 CPU kernel family in use: "avx512", "avx2-fma" or "scalar" (the CPU's best,
@@ -8,5 +10,13 @@ const char* kernel_isa();
 // BSCONV_FAST_POISON=1 (the test suite sets it): kernels fill their outputs with NaN before they
 // run, so that an element a kernel forgets to write fails the comparison.
 bool poison_outputs();
+
+// k x k max pooling of a channels_last tensor (N, H, W, C) into (N, OH, OW, C), NaN winning as in
+// torch.max_pool2d, padding ignored: bsconv_fast::max_pool and the pooled stem share these kernels.
+struct PoolShape {
+  int64_t N, H, W, C, KH, KW, sh, sw, ph, pw, OH, OW;
+};
+void max_pool(const PoolShape& s, const float* x, float* y);
+void max_pool(const PoolShape& s, const double* x, double* y);
 }  // namespace cpu
 }  // namespace bsconv_fast

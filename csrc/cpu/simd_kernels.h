@@ -180,13 +180,20 @@ struct Kernels {
                                          int64_t sw, int64_t pw, int64_t OW, float* y) {
     for (int64_t q = 0; q < OW; ++q, y += C) {
       const int64_t iw0 = q * sw - pw, lo = std::max<int64_t>(0, iw0), hi = std::min(W, iw0 + KW);
-      for (int64_t c = 0; c < C; c += kLanes) {
-        const int64_t n = std::min<int64_t>(kLanes, C - c);
+      int64_t c = 0;
+      for (; c + kLanes <= C; c += kLanes) {
         VReg m = vset1(-std::numeric_limits<float>::infinity());
         for (int64_t i = 0; i < nrows; ++i) {
-          for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload_first(rows[i] + iw * C + c, n));
+          for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload(rows[i] + iw * C + c));
         }
-        vstore_first(y + c, m, n);
+        vstore(y + c, m);
+      }
+      if (c < C) {  // a channel tail: masked loads and store
+        VReg m = vset1(-std::numeric_limits<float>::infinity());
+        for (int64_t i = 0; i < nrows; ++i) {
+          for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload_first(rows[i] + iw * C + c, C - c));
+        }
+        vstore_first(y + c, m, C - c);
       }
     }
   }
