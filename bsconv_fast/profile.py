@@ -51,15 +51,14 @@ def _dense_counts(module, args, y):
     """(paper flops, macs, params) of an optimize()d FusedPointwise or FusedConv: the convolution, its
     bias, the residual add and the activation (one FLOP per element each, as for FusedPwDw), and a
     pooled stem's max pooling (one per element it reads, as ModelProfiler counts pools)."""
-    conv = y
-    if getattr(module, "pool", None) is not None:  # y is pooled: the convolution's output is larger
+    pixels, pooled = y[:, 0].numel(), getattr(module, "pool", None) is not None
+    if pooled:  # y is pooled: the convolution's output is larger
         x, (kh, kw), (sh, sw), (ph, pw) = args[0], module.weight.shape[2:], module.stride, module.padding
-        conv = y.new_empty((y.shape[0], y.shape[1], (x.shape[2] + 2 * ph - kh) // sh + 1,
-                            (x.shape[3] + 2 * pw - kw) // sw + 1), device="meta")
-    flops, macs = _conv_counts(module.weight, module.bias, conv[:, 0].numel(), conv.numel())
+        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+    elems = pixels * y.shape[1]
+    flops, macs = _conv_counts(module.weight, module.bias, pixels, elems)
     has_residual = len(args) > 1 and args[1] is not None
-    flops += (conv.numel() if has_residual else 0) + (conv.numel() if module.act else 0)
-    flops += conv.numel() if conv is not y else 0
+    flops += (elems if has_residual else 0) + (elems if module.act else 0) + (elems if pooled else 0)
     return flops, macs, sum(t.numel() for t in (module.weight, module.bias) if t is not None)
 
 
