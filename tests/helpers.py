@@ -65,3 +65,31 @@ def assert_model_drift(got, eager, want, what=""):
     rel = lambda out: ((out.double() - want).norm() / want.norm()).item()  # noqa: E731
     assert not torch.isnan(got).any(), f"{what}: NaN"
     assert rel(got) <= max(1e-5, 4 * rel(eager)), f"{what}: relative error {rel(got):.3g}, eager fp32 {rel(eager):.3g}"
+
+
+def assert_silu_epilogues_match_torch():
+    """The SIMD SiLU (a vector exp) in the 1x1 op's store and in both stages of the fused op, vs torch's
+    SiLU of the same float32 pre-activations, to 2 ulp: finite values over float's whole range (exp
+    overflowing and underflowing) through an identity weight (the store sees exactly x), and +-inf /
+    NaN as the bias of a zero weight (an identity weight would turn them into inf * 0 = NaN)."""
+    torch.manual_seed(1)
+    c = 37  # two full AVX-512 vectors and a tail
+    x = torch.cat([torch.linspace(-120, 120, 1901), torch.randn(400) * 3,
+                   torch.tensor([0.0, -0.0, 88.7, 88.8, -88.8, 87.5, -87.5, 1e-30, -1e-30])])
+    x = x[torch.randperm(x.numel())][: (x.numel() // c) * c].reshape(1, -1, c).permute(0, 2, 1).unsqueeze(-1)
+    x = x.contiguous(memory_format=torch.channels_last)  # (1, c, P, 1)
+    special = torch.randn(c) * 50
+    special[[0, 5, 17, 36]] = torch.tensor([float("inf"), float("-inf"), float("nan"), float("-inf")])
+    cases = [(x, torch.eye(c), None), (x[:, :, :3], torch.zeros(c, c), special)]
+    for inp, weight, bias in cases:
+        pre = torch.nn.functional.conv2d(inp, weight.reshape(c, c, 1, 1), bias)
+        want = torch.nn.functional.silu(pre)
+        packed = torch.ops.bsconv_fast.pack_pw(weight.reshape(c, c, 1, 1), bias)
+        got = torch.ops.bsconv_fast.pw_packed(inp, packed, c, [1, 1], 4, None)
+        torch.testing.assert_close(got, want, rtol=2.5e-7, atol=1e-37, equal_nan=True)
+        # the fused op: SiLU after the 1x1 (a 1x1 depthwise of weight 1 passes it on), then after the depthwise
+        ones = torch.ones(c, 1, 1, 1)
+        for mid_bias, out_bias, acts in ((bias, None, (4, 0)), (None, bias, (0, 4))):
+            got = bsconv_fast.pw_dw(inp, weight.reshape(c, c, 1, 1), ones, mid_bias, out_bias, (1, 1), (0, 0), (1, 1),
+                                    *acts)
+            torch.testing.assert_close(got, want, rtol=2.5e-7, atol=1e-37, equal_nan=True)

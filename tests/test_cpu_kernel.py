@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import bsconv_fast
 from bsconv_fast import reference
-from helpers import assert_close_to_reference, random_problem, ref64
+from helpers import assert_close_to_reference, assert_silu_epilogues_match_torch, random_problem, ref64
 
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
 
@@ -99,11 +99,17 @@ def test_nan_inf_propagate_like_reference(acts):
     assert torch.equal(torch.isnan(y), torch.isnan(reference.activation(F.conv2d(x.double(), pw.double()), acts[0])))
 
 
+def test_silu_epilogue_over_float_range():
+    """SiLU runs vectorised in the stores (no scalar exp): it must agree with torch's to 2 ulp everywhere."""
+    assert_silu_epilogues_match_torch()
+
+
 _ISA_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 import bsconv_fast
-from helpers import assert_close_to_reference, random_problem, ref64
+from helpers import assert_close_to_reference, assert_silu_epilogues_match_torch, random_problem, ref64
+assert_silu_epilogues_match_torch()
 torch.manual_seed(0)
 for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2), (2, 1)), (1, 64, 48, 9, 9, 5, 1, 2, 1),
              (2, 24, 40, 6, 29, 3, 1, 1, 1), (1, 24, 40, 7, 37, 3, 2, 1, 1)]:  # 8- and 4-pixel depthwise steps

@@ -3,42 +3,71 @@
 //   BSCONV_TARGET  function attribute enabling the ISA
 //   VReg, kLanes   vector register type and its float lanes
 //   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vmax_nan, vstore_first(n),
-//   vload_first(n)
+//   vload_first(n), vsub, vround (to nearest), vscale2(p, n) = p * 2^n for integral n
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
-// Needs Geometry, Operands, Runs, valid_taps, ceil_div, act_scalar and kNR from the including file.
+// Needs Geometry, Operands, Runs, valid_taps, ceil_div, the Act codes and kNR from the including file.
 //
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
 // stores them back on every k step, which halves the micro-kernel's speed.
 
-// Epilogue helpers are forced inline: as calls, the 16 stores of an 8x32 tile cost as much as
-// the tile's FMAs when Cin is small (measured on the 32->64 layer).
-BSCONV_TARGET __attribute__((always_inline)) inline VReg vact(VReg v, int64_t act) {
-  const VReg zero = vset1(0.f);
-  switch (act) {
-    // max/min return their second operand when either is NaN: v goes second, so NaN stays NaN as in torch
-    case kRelu: return vmax(zero, v);
-    case kRelu6: return vmin(vset1(6.f), vmax(zero, v));
-    case kHardswish: return vdiv(vmul(v, vmin(vmax(vadd(v, vset1(3.f)), zero), vset1(6.f))), vset1(6.f));
-    default: return v;  // kSilu is finished in scalar code after the store (it needs exp)
-  }
+// exp(x) to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r). x is clamped
+// to [-87.3, 89]: below, exp would leave the normal range (callers add it to 1); above 88.72 the
+// result overflows to inf as float exp does (SiLU(-inf) = -inf / inf = NaN, as in torch). A NaN x
+// comes out of the clamps as -87.3: callers carry NaN in another operand (SiLU: the numerator).
+BSCONV_TARGET __attribute__((always_inline)) inline VReg vexp(VReg x) {
+  x = vmin(vmax(x, vset1(-87.33654f)), vset1(89.f));
+  const VReg n = vround(vmul(x, vset1(1.44269504088896341f)));
+  VReg r = vfma(n, vset1(-0.693359375f), x);
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  VReg p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.f)));
+  return vscale2(p, n);
 }
 
-// Store the first n (<= kLanes) lanes of act(v).
-BSCONV_TARGET __attribute__((always_inline)) inline void store_act(float* dst, VReg v, int64_t n, int64_t act,
-                                                                  bool stream = false) {
+// The activation as a compile-time parameter (with_act picks it once per GEMM call), SiLU included:
+// its exp is vectorised (vexp), where it used to be finished in scalar code after the store.
+// Measured single-thread, old vs new build in alternating processes: SiLU layers 2.0-3.6x faster
+// (64->64 @56 fused: 1399 -> 385 us), ReLU layers unchanged (0.97-1.03x).
+template <int64_t ACT>
+BSCONV_TARGET __attribute__((always_inline)) inline VReg vact(VReg v) {
+  const VReg zero = vset1(0.f);
+  // max/min return their second operand when either is NaN: v goes second, so NaN stays NaN as in torch
+  if constexpr (ACT == kRelu) return vmax(zero, v);
+  if constexpr (ACT == kRelu6) return vmin(vset1(6.f), vmax(zero, v));
+  if constexpr (ACT == kHardswish) return vdiv(vmul(v, vmin(vmax(vadd(v, vset1(3.f)), zero), vset1(6.f))), vset1(6.f));
+  if constexpr (ACT == kSilu) return vdiv(v, vadd(vset1(1.f), vexp(vsub(zero, v))));
+  return v;
+}
+
+// Store the first n (<= kLanes) lanes of act(v); `stream`: a whole aligned vector, non-temporal
+// (Geometry::stream_out).
+template <int64_t ACT>
+BSCONV_TARGET __attribute__((always_inline)) inline void store_act(float* dst, VReg v, int64_t n, bool stream = false) {
   if (n <= 0) return;
-  v = vact(v, act);
-  if (stream) {  // whole aligned vectors only (Geometry::stream_out); SiLU never streams
+  v = vact<ACT>(v);
+  if (stream) {
     vstream(dst, v);
-    return;
-  }
-  if (n >= kLanes) {
+  } else if (n >= kLanes) {
     vstore(dst, v);
   } else {
     vstore_first(dst, v, n);
   }
-  if (act == kSilu) {
-    for (int64_t j = 0; j < std::min<int64_t>(n, kLanes); ++j) dst[j] = act_scalar(dst[j], act);
+}
+
+// Calls f(std::integral_constant<int64_t, act>) for a run-time activation code.
+template <typename F>
+BSCONV_TARGET inline void with_act(int64_t act, F&& f) {
+  switch (act) {
+    case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
+    case kRelu6: return f(std::integral_constant<int64_t, kRelu6>{});
+    case kHardswish: return f(std::integral_constant<int64_t, kHardswish>{});
+    case kSilu: return f(std::integral_constant<int64_t, kSilu>{});
+    default: return f(std::integral_constant<int64_t, kIdentity>{});
   }
 }
 
@@ -47,29 +76,31 @@ BSCONV_TARGET __attribute__((always_inline)) inline void store_act(float* dst, V
 // channels on. Stores are passed by value: Python's build flags include -fno-strict-aliasing, so
 // through a reference every float store would force their fields to be reloaded (measured 2-3x).
 // The pointwise rows of the fused op: whole vectors into the ring (channels padded to kNR).
+template <int64_t ACT>
 struct RingStore {
   float* c;
-  int64_t ldc, act;
+  int64_t ldc;
   BSCONV_TARGET __attribute__((always_inline)) void operator()(int r, int64_t col, VReg v) const {
-    store_act(c + r * ldc + col, v, kLanes, act);
+    store_act<ACT>(c + r * ldc + col, v, kLanes);
   }
-  RingStore at(int64_t p) const { return {c + p * ldc, ldc, act}; }
-  RingStore shifted(int64_t col) const { return {c + col, ldc, act}; }
+  RingStore at(int64_t p) const { return {c + p * ldc, ldc}; }
+  RingStore shifted(int64_t col) const { return {c + col, ldc}; }
 };
 
 // The pointwise op's output: y = act(acc + residual), only the first `ncols` columns exist.
+template <int64_t ACT>
 struct OutStore {
   float* y;
   const float* res;  // nullptr: no residual
-  int64_t ldc, ncols, act;
+  int64_t ldc, ncols;
   BSCONV_TARGET __attribute__((always_inline)) void operator()(int r, int64_t col, VReg v) const {
     const int64_t n = std::min<int64_t>(kLanes, ncols - col);
     if (n <= 0) return;
     if (res != nullptr) v = vadd(v, vload_first(res + r * ldc + col, n));
-    store_act(y + r * ldc + col, v, n, act);
+    store_act<ACT>(y + r * ldc + col, v, n);
   }
-  OutStore at(int64_t p) const { return {y + p * ldc, res == nullptr ? nullptr : res + p * ldc, ldc, ncols, act}; }
-  OutStore shifted(int64_t col) const { return {y + col, res == nullptr ? nullptr : res + col, ldc, ncols - col, act}; }
+  OutStore at(int64_t p) const { return {y + p * ldc, res == nullptr ? nullptr : res + p * ldc, ldc, ncols}; }
+  OutStore shifted(int64_t col) const { return {y + col, res == nullptr ? nullptr : res + col, ldc, ncols - col}; }
 };
 
 // MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
@@ -123,7 +154,7 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
   const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_micro<(r < kMR ? r : 1), NV, PF>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
+  case r: gemm_micro<(r < kMR ? r : 1), NV, false>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -162,7 +193,9 @@ struct Kernels {
   // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
   BSCONV_TARGET static void pw_rows(const Geometry& g, const Operands<float>& o, const float* a, int64_t npix,
                                     int64_t c0, int64_t cg, float* out) {
-    gemm_panels(a, g.Cin, Runs{1, g.Cin, 0}, npix, o.pw, o.b1, c0, cg, RingStore{out, cg, g.mid_act});
+    with_act(g.mid_act, [&](auto act) BSCONV_TARGET {
+      gemm_panels(a, g.Cin, Runs{1, g.Cin, 0}, npix, o.pw, o.b1, c0, cg, RingStore<act()>{out, cg});
+    });
   }
 
   // y[p, c] = act(b[c] + sum_k a_p[k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout, with
@@ -170,8 +203,10 @@ struct Kernels {
   BSCONV_TARGET static void pw_out(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
                                    const float* bias, int64_t c0, int64_t cg, int64_t Cout, int64_t act, float* y,
                                    const float* res) {
-    gemm_panels(a, lda, runs, npix, w, bias, c0, cg,
-                OutStore{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0, act});
+    with_act(act, [&](auto a_) BSCONV_TARGET {
+      gemm_panels(a, lda, runs, npix, w, bias, c0, cg,
+                  OutStore<a_()>{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0});
+    });
   }
 
   // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns (NaN winning),
@@ -209,7 +244,7 @@ struct Kernels {
   BSCONV_TARGET __attribute__((always_inline)) static void store_out(const Geometry& g, const Operands<float>& o,
                                                                     int64_t off, VReg acc, int64_t cc) {
     if (o.res != nullptr) acc = vadd(acc, vload_first(o.res + off, std::min<int64_t>(g.Cout - cc, kLanes)));
-    store_act(o.y + off, acc, g.Cout - cc, g.out_act, g.stream_out);
+    with_act(g.out_act, [&](auto act) BSCONV_TARGET { store_act<act()>(o.y + off, acc, g.Cout - cc, g.stream_out); });
   }
 
   // Output pixels [ow0, ow1) of one row, any kernel size; taps outside the input are skipped.
@@ -281,7 +316,7 @@ struct Kernels {
   template <int64_t ACT>
   BSCONV_TARGET __attribute__((always_inline)) static void dw_store(const DwRow& r, int64_t off, VReg v, int64_t n) {
     if (r.res != nullptr) v = vadd(v, vload_first(r.res + off, n));
-    store_act(r.y + off, v, n, ACT, r.stream);
+    store_act<ACT>(r.y + off, v, n, r.stream);
   }
 
   // Per channel vector: the taps' weights stay in registers while the row's pixels stream by,
