@@ -7,6 +7,7 @@ from bsconv_fast import _ext, ops  # noqa: F401  (loads the extension, registers
 from bsconv_fast import reference
 from bsconv_fast.dispatch import choose
 from bsconv_fast.explain import explain
+from bsconv_fast.frozen import Frozen, freeze
 from bsconv_fast.functional import bsconv_s, bsconv_u, pw_dw
 from bsconv_fast.modules import BSConvS, BSConvU
 from bsconv_fast.optimize import FusedPwDw, optimize
@@ -16,5 +17,5 @@ from bsconv_fast.reference import ACTIVATIONS
 
 __version__ = "0.1.0"
 
-__all__ = ["BSConvU", "BSConvS", "bsconv_u", "bsconv_s", "pw_dw", "patch", "unpatch", "optimize", "FusedPwDw", "explain", "profile",
-           "reference", "choose", "ACTIVATIONS"]
+__all__ = ["BSConvU", "BSConvS", "bsconv_u", "bsconv_s", "pw_dw", "patch", "unpatch", "optimize", "freeze", "Frozen",
+           "FusedPwDw", "explain", "profile", "reference", "choose", "ACTIVATIONS"]

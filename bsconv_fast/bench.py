@@ -27,9 +27,9 @@ from bsconv_fast.modules import BSConvU
 
 SUITES = {
     "default": "BSConv-U layers of mobilenetv1_w1_bsconvu and resnet18_bsconvu (224), batch as given, "
-               "plus the whole cifar_mobilenetv1_w1_bsconvu (optimize()d)",
+               "plus the whole cifar_mobilenetv1_w1_bsconvu (optimize(freeze=True))",
     "cpu-layers": "the same layers at batch 1 and 8, with percent of the measured GEMM peak",
-    "cpu-models": "whole official models, bsconv_fast.optimize() vs eager and ONNX Runtime (CPU, same threads)",
+    "cpu-models": "whole official models, bsconv_fast.optimize(freeze=True) vs eager and ONNX Runtime (CPU, same threads)",
     "gpu-layers": "layer suite plus MobileNetV2 expand->depthwise blocks vs eager cuDNN, torch.compile max-autotune "
                   "and the dense collapse; CUDA events, L2 flushed, CUDA graphs at batch 1 (use --device cuda)",
 }
@@ -162,6 +162,8 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None,
     report = bsconv_fast.profile(ref, prof_input)  # paper-convention counts of the model as published
     backends = bsconv_fast.explain(fused, xc).backends()
     backend = ",".join(sorted(set(backends.values()))) or "-"
+    if isinstance(fused, bsconv_fast.Frozen):
+        backend += " (frozen)"
     row = {"case": label, "backend": backend, "err_max_abs": err, "err_rel": rel, "params": report.total_params,
            "flops": report.total_flops, "macs": report.total_macs, "min_bytes": report.total_min_bytes}
     for (name, _), t in zip(peers.items(), times):
@@ -218,7 +220,7 @@ def run_models(names, batch, reps, warmup, with_ort, peak_gflops, block=5):
         ref = B.get_model(name, num_classes=1000 if not name.startswith("cifar") else 10).eval()
         randomize_bn(ref)
         size = 32 if name.startswith("cifar") else 224
-        fused = bsconv_fast.optimize(ref, tune_malloc=heap.malloc_tuned())
+        fused = bsconv_fast.optimize(ref, tune_malloc=heap.malloc_tuned(), freeze=True)
         x = torch.randn(batch, 3, size, size)
         extra = ort_peers(ref, x, spinning=block >= reps) if with_ort else {}
         rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra, block))

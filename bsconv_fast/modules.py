@@ -67,9 +67,12 @@ class PackedInference:
         tensors = self._source_tensors()
         cached = self.__dict__.get("_bsconv_fast_packed")
         # Hot path (every inference call): the same tensor objects, storages and version counters.
-        if cached is not None and len(cached[0]) == len(tensors) and all(
-                t is s and t._version == v and t.data_ptr() == p for t, (s, v, p) in zip(tensors, cached[0])):
-            return cached[1]
+        try:
+            if cached is not None and len(cached[0]) == len(tensors) and all(
+                    t is s and t._version == v and t.data_ptr() == p for t, (s, v, p) in zip(tensors, cached[0])):
+                return cached[1]
+        except RuntimeError:  # a copy made in inference mode: inference tensors, no version counter
+            pass
         with torch.no_grad():
             packed = self._pack()
         # Inference tensors (made under inference_mode) carry no version counter, so an in-place

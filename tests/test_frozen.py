@@ -1,0 +1,124 @@
+"""bsconv_fast.freeze: recorded op calls replayed instead of the model's Python, under guards."""
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bsconv_fast
+from helpers import randomize_bn
+
+B = pytest.importorskip("bsconv.pytorch")
+
+
+class _Counter:
+    """Counts the forward calls of one submodule: they happen only when the model itself runs."""
+
+    def __init__(self, module):
+        self.n = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.n += 1
+
+
+def _model(name="resnet10_bsconvu", classes=7):
+    model = B.get_model(name, num_classes=classes).eval()
+    randomize_bn(model, 0.2, (0.5, 1.5), 0.3)
+    return bsconv_fast.optimize(model, tune_malloc=False)
+
+
+def _first_fused(model):
+    return next(m for m in model.modules() if isinstance(m, bsconv_fast.FusedPwDw))
+
+
+def test_replay_matches_the_model_bitwise_and_skips_its_python():
+    model = _model()
+    frozen = bsconv_fast.freeze(model)
+    calls = _Counter(_first_fused(model))
+    with torch.inference_mode():
+        for size in (37, 53):  # two input signatures: a program each
+            x = torch.randn(2, 3, size, size + 4)
+            want = model(x)
+            first = frozen(x)  # records (runs the model)
+            n = calls.n
+            again = frozen(x)  # replays
+            assert calls.n == n, "the replay ran the model's modules"
+            assert torch.equal(first, want) and torch.equal(again, want)
+    programs = frozen.programs()
+    assert len(programs) == 2 and all("bsconv_fast.pw_dw_packed" in p for p in programs)
+
+
+def test_in_place_weight_update_is_seen():
+    model = _model()
+    frozen = bsconv_fast.freeze(model)
+    x = torch.randn(1, 3, 41, 41)
+    with torch.no_grad():
+        before = frozen(x)
+        frozen(x)
+        _first_fused(model).pw_weight.mul_(-1.5)  # what load_state_dict's copy_ does to a version counter
+        after = frozen(x)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, model(x))
+        assert torch.equal(frozen(x), after)
+
+
+def test_guards_send_autograd_and_dtype_changes_to_the_model():
+    model = _model()
+    frozen = bsconv_fast.freeze(model)
+    calls = _Counter(_first_fused(model))
+    x = torch.randn(1, 3, 33, 33, requires_grad=True)
+    y = frozen(x)  # autograd: the model itself, every time
+    frozen(x)
+    assert calls.n == 2 and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.inference_mode():
+        frozen.double()  # .to()-like conversions drop the programs
+        x64 = x.detach().double()
+        assert torch.equal(frozen(x64), model(x64)) and frozen(x64).dtype == torch.float64
+
+
+def test_copies_and_pickles_record_their_own_programs():
+    frozen = bsconv_fast.freeze(_model())
+    x = torch.randn(1, 3, 35, 35)
+    with torch.inference_mode():
+        want = frozen(x)
+        for other in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen))):
+            assert other.programs() == []
+            assert torch.equal(other(x), want) and torch.equal(other(x), want)
+            assert len(other.programs()) == 1
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum().item() > 0 else x - 1
+
+
+def test_data_dependent_forward_runs_the_model_and_warns():
+    frozen = bsconv_fast.freeze(_DataDependent())
+    x = torch.rand(3, 5) + 0.1
+    with pytest.warns(UserWarning, match="run the model as it is"):
+        assert torch.equal(frozen(x), x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per signature
+        assert torch.equal(frozen(-x), -x - 1)  # same signature: the branch is re-evaluated
+    assert frozen.programs() == [None]
+
+
+def test_optimize_freeze_flag_on_an_official_model():
+    model = B.get_model("mobilenetv3_small_w1_bsconvs_p1d6", num_classes=9).eval()
+    randomize_bn(model, 0.2, (0.5, 1.5), 0.3)
+    frozen = bsconv_fast.optimize(model, tune_malloc=False, freeze=True)
+    assert isinstance(frozen, bsconv_fast.Frozen)
+    x = torch.randn(1, 3, 67, 61)
+    with torch.inference_mode():
+        first = frozen(x)  # the first call of a fresh model: it packs its weights, which is not recorded
+        (program,) = frozen.programs()
+        assert "bsconv_fast.pw_dw_packed" in program
+        assert "bsconv_fast.pack." not in program and "bsconv_fast.pack_pw." not in program
+        want = frozen.model(x)
+        assert torch.equal(first, want) and torch.equal(frozen(x), want)
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-3, atol=1e-3)
