@@ -443,25 +443,28 @@ struct ConvGeometry {
   int64_t N, H, W, Cin, Cout, Cp, KH, KW, sh, sw, ph, pw, OH, OW, act;
 };
 
-// Patches of output pixels [ow0, ow1) of row oh of image n, one after the other in `cols`.
+// Patches of output pixels [ow0, ow1) of row oh of image n, one after the other in `cols`: per kernel
+// row, the part inside the image is one contiguous copy, the columns outside it zeros.
 template <typename T>
 void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, int64_t ow0, int64_t ow1, T* cols) {
   const int64_t span = g.KW * g.Cin;  // one kernel row of a patch: contiguous in channels_last
   for (int64_t ow = ow0; ow < ow1; ++ow) {
     const int64_t iw0 = ow * g.sw - g.pw;
+    const int64_t kw_lo = std::min(g.KW, std::max<int64_t>(0, -iw0));  // first kernel column inside the image
+    const int64_t kw_hi = std::max(kw_lo, std::min(g.KW, g.W - iw0));  // one past the last
     T* dst = cols + (ow - ow0) * g.KH * span;
     for (int64_t kh = 0; kh < g.KH; ++kh, dst += span) {
       const int64_t ih = oh * g.sh - g.ph + kh;
-      const T* row = x + (n * g.H + ih) * g.W * g.Cin;
-      for (int64_t kw = 0; kw < g.KW; ++kw) {
-        const int64_t iw = iw0 + kw;
-        T* d = dst + kw * g.Cin;
-        if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) {
-          std::fill(d, d + g.Cin, T(0));
-        } else {
-          std::copy(row + iw * g.Cin, row + (iw + 1) * g.Cin, d);
-        }
+      if (ih < 0 || ih >= g.H) {
+        std::fill(dst, dst + span, T(0));
+        continue;
       }
+      std::fill(dst, dst + kw_lo * g.Cin, T(0));
+      if (kw_hi > kw_lo) {
+        const T* src = x + ((n * g.H + ih) * g.W + iw0 + kw_lo) * g.Cin;
+        std::copy(src, src + (kw_hi - kw_lo) * g.Cin, dst + kw_lo * g.Cin);
+      }
+      std::fill(dst + kw_hi * g.Cin, dst + span, T(0));
     }
   }
 }
