@@ -48,7 +48,8 @@ def test_replay_matches_the_model_bitwise_and_skips_its_python():
             assert calls.n == n, "the replay ran the model's modules"
             assert torch.equal(first, want) and torch.equal(again, want)
     programs = frozen.programs()
-    assert len(programs) == 2 and all("bsconv_fast.pw_dw_packed" in p for p in programs)
+    # the bsconv_fast ops through the extension's typed entry points
+    assert len(programs) == 2 and all("bsconv_fast__C_pw_dw_packed(" in p for p in programs)
 
 
 def test_in_place_weight_update_is_seen():
@@ -117,8 +118,40 @@ def test_optimize_freeze_flag_on_an_official_model():
     with torch.inference_mode():
         first = frozen(x)  # the first call of a fresh model: it packs its weights, which is not recorded
         (program,) = frozen.programs()
-        assert "bsconv_fast.pw_dw_packed" in program
+        assert "pw_dw_packed(" in program
         assert "bsconv_fast.pack." not in program and "bsconv_fast.pack_pw." not in program
         want = frozen.model(x)
         assert torch.equal(first, want) and torch.equal(frozen(x), want)
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_typed_entry_points_match_torch_ops():
+    """The extension's typed entry points the programs call are the same dispatcher call as torch.ops."""
+    from bsconv_fast import _ext, frozen
+    ops = torch.ops.bsconv_fast
+    x = torch.randn(2, 5, 13, 11).contiguous(memory_format=torch.channels_last)
+    x3 = x[:, :3].contiguous(memory_format=torch.channels_last)
+    packed = ops.pack(torch.randn(19, 5, 1, 1), torch.randn(19, 1, 3, 3), torch.randn(19), None)
+    packed_pw = ops.pack_pw(torch.randn(19, 5, 1, 1), torch.randn(19))
+    packed_conv = ops.pack_pw(torch.randn(19, 27, 1, 1), None)
+    residual = torch.randn(2, 19, 7, 6).contiguous(memory_format=torch.channels_last)
+    calls = [(ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3)),
+             (ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3, residual)),
+             (ops.pw_packed, (x, packed_pw, 19, [2, 2], 2, residual)),
+             (ops.conv_packed, (x3, packed_conv, 19, [3, 3], [2, 2], [1, 1], 4)),
+             (ops.conv_pool_packed, (x3, packed_conv, 19, [3, 3], [1, 1], [1, 1], 1, [3, 3], [2, 2], [1, 1])),
+             (ops.channel_affine, (x, torch.randn(5), torch.randn(5))),
+             (ops.max_pool, (x, [3, 2], [2, 2], [1, 0])),
+             (ops.global_avg_pool, (x,))]
+    aten = torch.ops.aten
+    calls = [(op.default, args) for op, args in calls] + [
+        (aten.hardsigmoid.default, (x * 4,)), (aten.sigmoid.default, (x,)), (aten.mul.Tensor, (x, x[:, :, :1])),
+        (aten.view.default, (x.contiguous(), [2, -1]))]
+    direct = frozen._direct_calls()
+    assert set(direct) == {op for op, _ in calls}
+    with torch.inference_mode():
+        for op, args in calls:
+            fast = direct[op](*frozen._with_defaults(op, args))
+            assert torch.equal(fast, op(*args)), op
+    with pytest.raises(TypeError):
+        _ext._C.pw_packed(x, packed_pw, 19, [2, 2], 2)  # a missing argument is an error, not garbage
