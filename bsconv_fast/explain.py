@@ -3,6 +3,7 @@ import copy
 
 import torch
 
+from bsconv_fast.frozen import Frozen
 from bsconv_fast.patching import _fused_class
 
 
@@ -24,7 +25,10 @@ def explain(model, example_input):
     that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason. Layers that are
     BSConv but not patched are listed as reference with reason 'not patched'.
 
-    It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched."""
+    It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched. A frozen
+    model (bsconv_fast.freeze) is explained by the model it replays."""
+    if isinstance(model, Frozen):
+        model = model.model
     with torch.inference_mode(False):  # a copy of ordinary tensors, also when called in inference mode
         model = copy.deepcopy(model)
     report = Report()

@@ -123,6 +123,10 @@ def test_optimize_freeze_flag_on_an_official_model():
         want = frozen.model(x)
         assert torch.equal(first, want) and torch.equal(frozen(x), want)
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-3, atol=1e-3)
+    # explain() reports the replayed model's layers, once each
+    assert [(r["module"], r["backend"]) for r in bsconv_fast.explain(frozen, x)] == [
+        (r["module"], r["backend"]) for r in bsconv_fast.explain(frozen.model, x)]
+    assert len(bsconv_fast.explain(frozen, x)) > 0
 
 
 def test_typed_entry_points_match_torch_ops():
