@@ -99,16 +99,21 @@ def build_layer(key):
     return ref
 
 
-def time_interleaved(fns, reps, warmup, block=5):
+def time_interleaved(fns, reps, warmup, block=5, pause=0.0):
     """Median seconds per call of each fn. Contenders take turns in blocks of `block` calls, so
     drift hits all alike while one runtime's idle-spinning thread pool (OpenMP, ONNX Runtime)
-    does not land inside another's timed call; the first call of each block is not timed."""
+    does not land inside another's timed call; the first call of each block is not timed. With
+    `pause` (seconds), every turn starts after that long asleep: spinning threads of the previous
+    contender (ONNX Runtime's default) have parked by then, and each contender wakes its own pool
+    in its untimed first call."""
     for _ in range(warmup):
         for f in fns:
             f()
     times = [[] for _ in fns]
     while len(times[0]) < reps:
         for i, f in enumerate(fns):
+            if pause:
+                time.sleep(pause)
             f()
             for _ in range(block):
                 t0 = time.perf_counter()
@@ -128,7 +133,8 @@ def ort_peers(ref, x, spinning):
     """ONNX Runtime (CPU provider, this process's thread count) on the unpatched model: `ort` with
     intra-op spinning off, and with `spinning` also `ort-spin`, ONNX Runtime's default. Its spinning
     threads keep the cores busy after each run and slow down whoever is timed next, so `ort-spin`
-    is only measured when contenders are timed alone (--block >= --reps). Empty without onnxruntime."""
+    is only measured when turns start after a pause (--pause) or contenders are timed alone
+    (--block >= --reps). Empty without onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -150,7 +156,7 @@ def ort_peers(ref, x, spinning):
     return peers
 
 
-def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None, block=5):
+def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None, block=5, pause=0.0):
     peers = {**eager_peers(ref, x), **(extra_peers or {})}
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -158,7 +164,7 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None,
         got = fused(xc)
         err = (got.double() - want).abs().max().item()
         rel = ((got.double() - want).norm() / want.norm()).item()
-        times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup, block)
+        times = time_interleaved(list(peers.values()) + [lambda: fused(xc)], reps, warmup, block, pause)
     report = bsconv_fast.profile(ref, prof_input)  # paper-convention counts of the model as published
     backends = bsconv_fast.explain(fused, xc).backends()
     backend = ",".join(sorted(set(backends.values()))) or "-"
@@ -212,7 +218,7 @@ def randomize_bn(model):
             m.bias.data.uniform_(-0.2, 0.2)
 
 
-def run_models(names, batch, reps, warmup, with_ort, peak_gflops, block=5):
+def run_models(names, batch, reps, warmup, with_ort, peak_gflops, block=5, pause=0.0):
     B = official()
     rows = []
     for name in names:
@@ -222,8 +228,9 @@ def run_models(names, batch, reps, warmup, with_ort, peak_gflops, block=5):
         size = 32 if name.startswith("cifar") else 224
         fused = bsconv_fast.optimize(ref, tune_malloc=heap.malloc_tuned(), freeze=True)
         x = torch.randn(batch, 3, size, size)
-        extra = ort_peers(ref, x, spinning=block >= reps) if with_ort else {}
-        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra, block))
+        extra = ort_peers(ref, x, spinning=pause > 0 or block >= reps) if with_ort else {}
+        rows.append(bench_case(f"{name} b{batch}", ref, fused, x, reps, warmup, (batch, 3, size, size), extra, block,
+                               pause))
         add_peak_columns(rows[-1], peak_gflops)
         print(format_row(rows[-1]), flush=True)
     return rows
@@ -281,6 +288,9 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=5,
                         help="timed calls per turn (default 5); --block equal to --reps times each contender alone, "
                              "with warm caches and thread pools, instead of taking turns")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="milliseconds asleep before every turn (default 0): idle thread pools park, so ONNX "
+                             "Runtime with its default spinning (ort-spin) can take turns with the others")
     parser.add_argument("--json", dest="json_path", default=None, help="write rows and machine info here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="CPU suites: leave glibc's heap thresholds alone (default: bsconv_fast.heap.tune_malloc() "
@@ -294,9 +304,11 @@ def main(argv=None):
     if args.device == "cpu" and not args.default_malloc:
         heap.tune_malloc()
     header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps, "block": args.block}
+              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps, "block": args.block,
+              "pause_ms": args.pause}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
-    print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up; "
+    print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up"
+          f"{f', {args.pause:g} ms pause before each turn' if args.pause else ''}; "
           "speedup = min(eager) / fused; "
           "vs_ort = min(ort, ort-spin) / fused")
     print(" | ".join(COLUMNS))
@@ -323,7 +335,8 @@ def main(argv=None):
                   f"(ceiling at the GEMM peak {summary[f'geomean_ceiling_b{batch}']:.2f}x), "
                   f"slowest {min(r['speedup'] for r in sel):.2f}x")
     else:
-        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, True, peak, args.block)
+        rows = run_models(args.only or list(MODELS), args.batch, args.reps, args.warmup, True, peak, args.block,
+                          args.pause / 1e3)
     speedups = [r["speedup"] for r in rows]
     summary.update({"geomean_speedup": geomean(speedups), "min_speedup": min(speedups)})
     print(f"# geometric-mean speedup vs eager {summary['geomean_speedup']:.2f}x, "

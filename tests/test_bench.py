@@ -36,6 +36,17 @@ def test_bench_case_row_on_tiny_layer():
     assert bench.format_row(row).startswith("tiny | cpu-fused")
 
 
+def test_turns_start_after_the_pause(monkeypatch):
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+    fns = [lambda: events.append("a"), lambda: events.append("b")]
+    times = bench.time_interleaved(fns, reps=4, warmup=1, block=2, pause=0.02)
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    # warm-up once each, then per round and contender: the pause, one untimed call, `block` timed calls
+    turn = [("sleep", 0.02), "a", "a", "a", ("sleep", 0.02), "b", "b", "b"]
+    assert events == ["a", "b"] + turn * 2
+
+
 def test_layer_configs_come_from_official_models():
     pytest.importorskip("bsconv.pytorch")
     keys = [k for k, _ in bench.layer_configs()]
