@@ -17,7 +17,7 @@ def want_cuda():
 
 
 def extensions():
-    sources = ["csrc/bsconv.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bsconv.cpp", "csrc/program.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if not want_cuda():
         return [CppExtension("bsconv_fast._C", sources, extra_compile_args={"cxx": cxx},

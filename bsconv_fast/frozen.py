@@ -5,7 +5,10 @@ checks that keep packed weights current, argument lists): measured at 32x32, whe
 little, 195 us of resnet18_bsconvu's forward and 490 us of mobilenetv3_large's. freeze() records the
 ops one forward runs (a TorchDispatchMode sees every op call with its tensors) and emits them as a
 torch.fx GraphModule: straight-line code calling the ops, the weights it reads as constants, the
-bsconv_fast ops through the extension's typed entry points (torch.ops boxes every argument).
+bsconv_fast ops through the extension's typed entry points (torch.ops boxes every argument). Where
+the extension is loaded and every call returns one tensor, the same calls run from C++ instead
+(bsconv_fast._C.Program: one call from Python for the whole forward, its arguments converted once);
+programs() shows the code and says which of the two runs.
 
 A program is recorded per input signature on first use (the model runs twice then: the first call
 may do one-time work, such as packing weights, that must not be recorded) and replayed while its
@@ -106,11 +109,70 @@ def _program(calls, inputs, output):
     return fx.GraphModule(root, graph)
 
 
+def _native_program(calls, inputs, output):
+    """bsconv_fast._C.Program making `calls`, or (None, why not). Tensors are held in numbered slots
+    (the inputs first, then each call's result), released after their last use."""
+    if not _ext.available():
+        return None, "the C++ extension is not loaded"
+    if not isinstance(output, torch.Tensor):
+        return None, "the forward returns more than one tensor"
+    slot = {id(t): i for i, t in enumerate(inputs)}
+    steps, last_use = [], {}
+    for n, (func, args, kwargs, out) in enumerate(calls):
+        if not isinstance(func, torch._ops.OpOverload) or not isinstance(out, torch.Tensor):
+            return None, f"{func} does not return one tensor"
+        schema = func._schema
+        values = list(args) + [kwargs.get(a.name, a.default_value) for a in schema.arguments[len(args):]]
+        from_slots = []
+        for i, v in enumerate(values):
+            if isinstance(v, (list, tuple)) and any(id(t) in slot for t in v if isinstance(t, torch.Tensor)):
+                return None, f"{func} takes a list of computed tensors"
+            if isinstance(v, torch.Tensor) and id(v) in slot:
+                from_slots.append((i, slot[id(v)]))
+                last_use[slot[id(v)]] = n
+                values[i] = None
+        slot[id(out)] = len(slot)
+        last_use.setdefault(slot[id(out)], n)  # a result nobody reads goes at once
+        steps.append([schema.name, schema.overload_name, values, from_slots, slot[id(out)], []])
+    if id(output) not in slot or slot[id(output)] < len(inputs):
+        return None, "the output is not computed by the recorded calls"
+    for s, n in last_use.items():
+        if s != slot[id(output)]:
+            steps[n][5].append(s)
+    return _ext._C.Program(len(inputs), len(slot), [tuple(step) for step in steps], slot[id(output)]), None
+
+
 def _state(model):
-    """(tensor, version) of every parameter and buffer; inference tensors have no version counter and
-    can only change inside inference mode: they are compared by identity alone."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return [(t, None if t.is_inference() else t._version) for t in tensors]
+    """Every parameter and buffer of `model`, which the recorded calls' weights were derived from."""
+    return list(model.parameters()) + list(model.buffers())
+
+
+class _Replay:
+    """One recorded forward: the torch.fx program and, where the extension takes the calls, the C++
+    Program that runs them instead. run(inputs) returns None once a tensor of `watched` has changed
+    in place (load_state_dict, an optimizer step): the weights the calls read are stale then.
+    Inference tensors have no version counter and can only change inside inference mode: they are
+    not watched."""
+
+    def __init__(self, calls, inputs, output, watched):
+        self.graph_module = _program(calls, inputs, output)
+        try:
+            self.native, why = _native_program(calls, inputs, output)
+        except (RuntimeError, TypeError, ValueError) as e:  # an argument the schema's types do not take
+            self.native, why = None, f"{type(e).__name__}: {e}"
+        if self.native is not None:
+            self.native.watch(watched)  # checked in C++ on every call: ~0 vs 20 us for 130 tensors in Python
+            self.run = self.native
+            self.note = f"# replayed from C++ (bsconv_fast._C.Program, {len(self.native)} calls)"
+        else:
+            self.versions = [(t, t._version) for t in watched if not t.is_inference()]
+            self.run = self._run_python
+            self.note = f"# replayed from Python: {why}"
+
+    def _run_python(self, inputs):
+        if any(t._version != v for t, v in self.versions):
+            return None
+        return self.graph_module(*inputs)
 
 
 class Frozen(nn.Module):
@@ -125,31 +187,29 @@ class Frozen(nn.Module):
     def reset(self):
         """Forget the recorded programs (after changing the model in a way the guards cannot see)."""
         self.__dict__["_programs"] = {}
-        self.__dict__["_state"] = []
 
     def __getstate__(self):  # copies and pickles record their own programs
         state = self.__dict__.copy()
-        state["_programs"], state["_state"] = {}, []
+        state["_programs"] = {}
         return state
 
     def _apply(self, fn, *args, **kwargs):
         self.reset()
         return super()._apply(fn, *args, **kwargs)
 
-    def _state_unchanged(self):
-        return all(v is None or t._version == v for t, v in self.__dict__["_state"])
-
     def forward(self, *inputs):
         if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) for t in inputs) or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return self.model(*inputs)
         programs = self.__dict__["_programs"]
-        if programs and not self._state_unchanged():
-            programs.clear()
         key = tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
         program = programs.get(key, False)
         if program:
-            return program(*inputs)
+            output = program.run(inputs)
+            if output is not None:
+                return output
+            programs.clear()  # a weight changed: every program read the old ones
+            program = False
         if program is None or len(programs) >= MAX_PROGRAMS:  # None: this signature cannot be frozen
             return self.model(*inputs)
         # The recorded forward must be a steady-state one: a first call may do one-time work (packing
@@ -159,17 +219,18 @@ class Frozen(nn.Module):
         with recorder:
             output = self.model(*inputs)
         try:
-            programs[key] = _program(recorder.calls, inputs, output).forward
+            # the state after the recording run: that run may have packed weights
+            programs[key] = _Replay(recorder.calls, inputs, output, _state(self.model))
         except DataDependent as e:
             programs[key] = None
             warnings.warn(f"bsconv_fast.freeze: inputs {[tuple(t.shape) for t in inputs]} run the model as it is: {e}")
-        self.__dict__["_state"] = _state(self.model)  # after the recording run: it may have packed weights
         return output
 
     def programs(self):
-        """The recorded programs' code, one string per input signature (what a call runs), or None for a
-        signature that runs the model (its forward turned tensors into Python values)."""
-        return [fn if fn is None else fn.__self__.code for fn in self.__dict__["_programs"].values()]
+        """The recorded programs' code, one string per input signature (the calls a replay makes, and
+        its first line whether C++ or Python makes them), or None for a signature that runs the model
+        (its forward turned tensors into Python values)."""
+        return [r if r is None else r.note + "\n" + r.graph_module.code for r in self.__dict__["_programs"].values()]
 
 
 def freeze(model):

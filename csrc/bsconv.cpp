@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/pw_dw_cpu.h"
+#include "program.h"
 
 namespace {
 using at::IntArrayRef;
@@ -42,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool",
         Typed<Tensor(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef)>::bind("bsconv_fast::max_pool"));
   m.def("global_avg_pool", Typed<Tensor(const Tensor&)>::bind("bsconv_fast::global_avg_pool"));
+  bsconv_fast::bind_program(m);
 }
 
 TORCH_LIBRARY(bsconv_fast, m) {

@@ -59,6 +59,7 @@ def test_in_place_weight_update_is_seen():
     with torch.no_grad():
         before = frozen(x)
         frozen(x)
+        assert frozen.programs()[0].startswith("# replayed from C++")  # the version check is the C++ one
         _first_fused(model).pw_weight.mul_(-1.5)  # what load_state_dict's copy_ does to a version counter
         after = frozen(x)
         assert not torch.equal(after, before)
@@ -159,3 +160,63 @@ def test_typed_entry_points_match_torch_ops():
             assert torch.equal(fast, op(*args)), op
     with pytest.raises(TypeError):
         _ext._C.pw_packed(x, packed_pw, 19, [2, 2], 2)  # a missing argument is an error, not garbage
+
+
+def test_cpp_replay_matches_the_python_replay_bitwise():
+    """The C++ Program makes the calls the torch.fx program makes (SE units: aten ops between ours)."""
+    model = B.get_model("mobilenetv3_small_w1_bsconvs_p1d6", num_classes=9).eval()
+    randomize_bn(model, 0.2, (0.5, 1.5), 0.3)
+    frozen = bsconv_fast.optimize(model, tune_malloc=False, freeze=True)
+    x = torch.randn(2, 3, 45, 51)
+    with torch.inference_mode():
+        frozen(x)
+        (replay,) = frozen.__dict__["_programs"].values()
+        assert replay.native is not None and len(replay.native) > 20
+        assert frozen.programs()[0].startswith(f"# replayed from C++ (bsconv_fast._C.Program, {len(replay.native)} calls)")
+        assert "hardsigmoid" in frozen.programs()[0]  # an aten op between the bsconv_fast ones
+        want = replay.graph_module(x)
+        assert torch.equal(replay.native([x]), want) and torch.equal(frozen(x), want)
+        with pytest.raises(RuntimeError, match="expected 1 inputs, got 2"):
+            replay.native([x, x])
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.relu()
+
+
+def test_python_replay_where_cpp_cannot_and_it_says_why():
+    module = _TwoOutputs().eval()
+    frozen = bsconv_fast.freeze(module)
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        frozen(x)
+        assert frozen.programs()[0].startswith("# replayed from Python: the forward returns more than one tensor")
+        before = frozen(x)
+        module.conv.weight.mul_(-2.0)  # the Python replay's version check
+        after = frozen(x)
+        assert not torch.equal(after[0], before[0]) and torch.equal(after[0], module(x)[0])
+
+
+def test_cpp_replay_runs_from_threads_at_once():
+    """The C++ replay releases the GIL: forwards from several Python threads run side by side and agree."""
+    from concurrent.futures import ThreadPoolExecutor
+    frozen = bsconv_fast.freeze(_model())
+    xs = [torch.randn(1, 3, 29, 31) for _ in range(6)]
+    with torch.inference_mode():
+        want = [frozen.model(x) for x in xs]
+        frozen(xs[0])
+        frozen(xs[0])
+
+        def forward(x):
+            with torch.inference_mode():
+                return frozen(x)
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(forward, xs * 3))
+    assert all(torch.equal(g, w) for g, w in zip(got, want * 3))
