@@ -226,6 +226,20 @@ class Frozen(nn.Module):
             warnings.warn(f"bsconv_fast.freeze: inputs {[tuple(t.shape) for t in inputs]} run the model as it is: {e}")
         return output
 
+    def profile(self, *inputs):
+        """One replay of the program recorded for `inputs`, each call timed: [(op name, seconds)], in
+        order (C++ replays only; the first call with a new signature records, as forward does)."""
+        with torch.inference_mode():
+            self(*inputs)
+            self(*inputs)
+        key = tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
+        replay = self.__dict__["_programs"].get(key)
+        if replay is None or replay.native is None:
+            raise RuntimeError("bsconv_fast.Frozen.profile: these inputs are not replayed from C++ "
+                               f"({'not frozen' if replay is None else replay.note})")
+        with torch.inference_mode():
+            return replay.native.profile(list(inputs))
+
     def programs(self):
         """The recorded programs' code, one string per input signature (the calls a replay makes, and
         its first line whether C++ or Python makes them), or None for a signature that runs the model

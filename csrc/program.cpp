@@ -8,6 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include <algorithm>
+#include <chrono>
 #include <optional>
 #include <string>
 #include <utility>
@@ -75,27 +77,45 @@ class Program {
 
   // The program's output, or nothing when a watched tensor has changed since watch().
   std::optional<at::Tensor> run(const std::vector<at::Tensor>& inputs) const {
-    TORCH_CHECK(static_cast<int64_t>(inputs.size()) == n_inputs_, "bsconv_fast Program: expected ", n_inputs_,
-                " inputs, got ", inputs.size());
-    for (const auto& [t, version] : watched_) {
-      if (t._version() != version) return std::nullopt;
-    }
-    std::vector<at::Tensor> slots(n_slots_);
-    std::copy(inputs.begin(), inputs.end(), slots.begin());
-    torch::jit::Stack stack;
-    for (const Step& step : steps_) {
-      stack.assign(step.args.begin(), step.args.end());
-      for (const auto& [index, slot] : step.from_slots) stack[index] = slots[slot];
-      step.op.callBoxed(&stack);
-      slots[step.out] = std::move(stack[0]).toTensor();
-      for (int64_t s : step.release) slots[s].reset();  // free activations as early as the Python replay
-    }
-    return slots[output_];
+    if (!current()) return std::nullopt;
+    return execute(inputs, nullptr);
+  }
+
+  // One run with each step timed: (op name, seconds) per step, in order.
+  std::vector<std::pair<std::string, double>> profile(const std::vector<at::Tensor>& inputs) const {
+    std::vector<std::pair<std::string, double>> times;
+    execute(inputs, &times);
+    return times;
   }
 
   int64_t size() const { return static_cast<int64_t>(steps_.size()); }
 
  private:
+  bool current() const {
+    return std::all_of(watched_.begin(), watched_.end(), [](const auto& w) { return w.first._version() == w.second; });
+  }
+
+  at::Tensor execute(const std::vector<at::Tensor>& inputs, std::vector<std::pair<std::string, double>>* times) const {
+    TORCH_CHECK(static_cast<int64_t>(inputs.size()) == n_inputs_, "bsconv_fast Program: expected ", n_inputs_,
+                " inputs, got ", inputs.size());
+    std::vector<at::Tensor> slots(n_slots_);
+    std::copy(inputs.begin(), inputs.end(), slots.begin());
+    torch::jit::Stack stack;
+    for (const Step& step : steps_) {
+      const auto start = std::chrono::steady_clock::now();
+      stack.assign(step.args.begin(), step.args.end());
+      for (const auto& [index, slot] : step.from_slots) stack[index] = slots[slot];
+      step.op.callBoxed(&stack);
+      slots[step.out] = std::move(stack[0]).toTensor();
+      for (int64_t s : step.release) slots[s].reset();  // free activations as early as the Python replay
+      if (times != nullptr) {
+        const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+        times->emplace_back(step.op.schema().name(), took.count());
+      }
+    }
+    return slots[output_];
+  }
+
   int64_t n_inputs_, n_slots_, output_;
   std::vector<Step> steps_;
   std::vector<std::pair<at::Tensor, uint32_t>> watched_;
@@ -109,6 +129,7 @@ void bind_program(py::module& m) {
            py::arg("steps"), py::arg("output"))
       .def("watch", &Program::watch, py::arg("tensors"))
       .def("__call__", &Program::run, py::call_guard<py::gil_scoped_release>())
+      .def("profile", &Program::profile, py::call_guard<py::gil_scoped_release>())
       .def("__len__", &Program::size);
 }
 

@@ -220,3 +220,16 @@ def test_cpp_replay_runs_from_threads_at_once():
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(forward, xs * 3))
     assert all(torch.equal(g, w) for g, w in zip(got, want * 3))
+
+
+def test_profile_times_each_call_of_the_cpp_replay():
+    frozen = bsconv_fast.freeze(_model())
+    x = torch.randn(1, 3, 33, 37)
+    steps = frozen.profile(x)
+    (replay,) = frozen.__dict__["_programs"].values()
+    assert len(steps) == len(replay.native) and all(t > 0 for _, t in steps)
+    names = [name for name, _ in steps]
+    assert names.count("bsconv_fast::pw_dw_packed") == sum(p.count("pw_dw_packed(") for p in frozen.programs())
+    two = bsconv_fast.freeze(_TwoOutputs().eval())
+    with pytest.raises(RuntimeError, match="not replayed from C\\+\\+.*more than one tensor"):
+        two.profile(torch.randn(1, 3, 9, 9))
