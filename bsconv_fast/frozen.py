@@ -116,8 +116,8 @@ def _native_program(calls, inputs, output):
         return None, "the C++ extension is not loaded"
     if not isinstance(output, torch.Tensor):
         return None, "the forward returns more than one tensor"
-    slot = {id(t): i for i, t in enumerate(inputs)}
-    steps, last_use = [], {}
+    slot = {id(t): i for i, t in enumerate(inputs)}  # a tensor's latest slot
+    n_slots, steps, last_use = len(inputs), [], {}
     for n, (func, args, kwargs, out) in enumerate(calls):
         if not isinstance(func, torch._ops.OpOverload) or not isinstance(out, torch.Tensor):
             return None, f"{func} does not return one tensor"
@@ -131,7 +131,8 @@ def _native_program(calls, inputs, output):
                 from_slots.append((i, slot[id(v)]))
                 last_use[slot[id(v)]] = n
                 values[i] = None
-        slot[id(out)] = len(slot)
+        slot[id(out)] = n_slots  # a new slot also for an in-place op's result (its input's object)
+        n_slots += 1
         last_use.setdefault(slot[id(out)], n)  # a result nobody reads goes at once
         steps.append([schema.name, schema.overload_name, values, from_slots, slot[id(out)], []])
     if id(output) not in slot or slot[id(output)] < len(inputs):
@@ -139,7 +140,7 @@ def _native_program(calls, inputs, output):
     for s, n in last_use.items():
         if s != slot[id(output)]:
             steps[n][5].append(s)
-    return _ext._C.Program(len(inputs), len(slot), [tuple(step) for step in steps], slot[id(output)]), None
+    return _ext._C.Program(len(inputs), n_slots, [tuple(step) for step in steps], slot[id(output)]), None
 
 
 def _state(model):

@@ -233,3 +233,27 @@ def test_profile_times_each_call_of_the_cpp_replay():
     two = bsconv_fast.freeze(_TwoOutputs().eval())
     with pytest.raises(RuntimeError, match="not replayed from C\\+\\+.*more than one tensor"):
         two.profile(torch.randn(1, 3, 9, 9))
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 3), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.relu_()  # an in-place op: its result is its input's tensor
+        z = self.b(y).mul_(0.5)
+        return z + y[:, :4]
+
+
+def test_cpp_replay_of_in_place_ops():
+    module = _InPlace().eval()
+    frozen = bsconv_fast.freeze(module)
+    x = torch.randn(2, 3, 11, 13)
+    with torch.inference_mode():
+        frozen(x)
+        (replay,) = frozen.__dict__["_programs"].values()
+        assert replay.native is not None
+        want = module(x)
+        assert torch.equal(replay.native([x]), want) and torch.equal(frozen(x), want)
