@@ -25,9 +25,10 @@ def render(data):
     keys = [(k, h) for k, h in COLUMNS if any(k in r for r in data["rows"])]
     lines = [f"## suite `{data['suite']}` — {data['threads']} thread(s)", "",
              f"{data['machine']}; commit {data['commit']}; {data['date']}; median of {data['reps']} runs"
-             f" in turns of {data.get('block', 5)} calls", ""]
+             f" in turns of {data.get('block', 5)} calls"
+             + (f", {data['pause_ms']:g} ms pause before each turn" if data.get("pause_ms") else ""), ""]
     summary = {k: v for k, v in data.items()
-               if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps", "block")}
+               if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps", "block", "pause_ms")}
     lines.append("summary: " + ", ".join(f"{k} = {v:.2f}" for k, v in summary.items()))
     lines += ["", "| " + " | ".join(h for _, h in keys) + " |", "|" + "---|" * len(keys)]
     for r in data["rows"]:
@@ -36,6 +37,8 @@ def render(data):
 
 
 def main(argv):
+    if len(argv) < 2 or any(a.startswith("-") for a in argv):  # `--help` once became an output file
+        sys.exit(__doc__.strip())
     out, inputs = argv[0], argv[1:]
     parts = ["# bsconv_fast CPU benchmark results", ""]
     for path in inputs:
