@@ -37,6 +37,9 @@ class Program {
   // slots are placeholders). Slots [0, n_inputs) hold the inputs.
   Program(int64_t n_inputs, int64_t n_slots, const py::list& steps, int64_t output)
       : n_inputs_(n_inputs), n_slots_(n_slots), output_(output) {
+    // Python numbers where the schema takes a tensor (x.mul_(0.5) records aten::mul_.Tensor with
+    // 0.5) become wrapped-number tensors, as torch.ops makes them
+    torch::jit::ToIValueAllowNumbersAsTensors numbers_as_tensors(true);
     TORCH_CHECK(n_inputs >= 0 && n_inputs <= n_slots && output >= 0 && output < n_slots,
                 "bsconv_fast Program: bad slot counts");
     for (const auto& item : steps) {
