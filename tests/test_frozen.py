@@ -30,6 +30,12 @@ def _model(name="resnet10_bsconvu", classes=7):
     return bsconv_fast.optimize(model, tune_malloc=False)
 
 
+def _replay(frozen):
+    """The one recorded replay of `frozen` (its torch.fx program and C++ Program)."""
+    (replay,) = frozen.__dict__["_programs"].values()
+    return replay
+
+
 def _first_fused(model):
     return next(m for m in model.modules() if isinstance(m, bsconv_fast.FusedPwDw))
 
@@ -170,7 +176,7 @@ def test_cpp_replay_matches_the_python_replay_bitwise():
     x = torch.randn(2, 3, 45, 51)
     with torch.inference_mode():
         frozen(x)
-        (replay,) = frozen.__dict__["_programs"].values()
+        replay = _replay(frozen)
         assert replay.native is not None and len(replay.native) > 20
         assert frozen.programs()[0].startswith(f"# replayed from C++ (bsconv_fast._C.Program, {len(replay.native)} calls)")
         assert "hardsigmoid" in frozen.programs()[0]  # an aten op between the bsconv_fast ones
@@ -196,6 +202,7 @@ def test_python_replay_where_cpp_cannot_and_it_says_why():
     x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
         frozen(x)
+        assert _replay(frozen).native is None
         assert frozen.programs()[0].startswith("# replayed from Python: the forward returns more than one tensor")
         before = frozen(x)
         module.conv.weight.mul_(-2.0)  # the Python replay's version check
@@ -226,7 +233,7 @@ def test_profile_times_each_call_of_the_cpp_replay():
     frozen = bsconv_fast.freeze(_model())
     x = torch.randn(1, 3, 33, 37)
     steps = frozen.profile(x)
-    (replay,) = frozen.__dict__["_programs"].values()
+    replay = _replay(frozen)
     assert len(steps) == len(replay.native) and all(t > 0 for _, t in steps)
     names = [name for name, _ in steps]
     assert names.count("bsconv_fast::pw_dw_packed") == sum(p.count("pw_dw_packed(") for p in frozen.programs())
@@ -253,7 +260,7 @@ def test_cpp_replay_of_in_place_ops():
     x = torch.randn(2, 3, 11, 13)
     with torch.inference_mode():
         frozen(x)
-        (replay,) = frozen.__dict__["_programs"].values()
+        replay = _replay(frozen)
         assert replay.native is not None
         want = module(x)
         assert torch.equal(replay.native([x]), want) and torch.equal(frozen(x), want)
