@@ -69,9 +69,16 @@ def _direct_calls():
     return direct
 
 
-def _with_defaults(op, args):
-    """`args` with the trailing arguments the caller left to the schema's defaults filled in."""
-    return tuple(args) + tuple(a.default_value for a in op._schema.arguments[len(args):])
+def _with_defaults(op, args, kwargs=None):
+    """Every argument of the call, in schema order: `args`, then the rest from `kwargs` or the schema's
+    defaults."""
+    kwargs = kwargs or {}
+    return tuple(args) + tuple(kwargs.get(a.name, a.default_value) for a in op._schema.arguments[len(args):])
+
+
+def _signature(inputs):
+    """What a recorded program is keyed and guarded by."""
+    return tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
 
 
 def _program(calls, inputs, output):
@@ -122,7 +129,7 @@ def _native_program(calls, inputs, output):
         if not isinstance(func, torch._ops.OpOverload) or not isinstance(out, torch.Tensor):
             return None, f"{func} does not return one tensor"
         schema = func._schema
-        values = list(args) + [kwargs.get(a.name, a.default_value) for a in schema.arguments[len(args):]]
+        values = list(_with_defaults(func, args, kwargs))
         from_slots = []
         for i, v in enumerate(values):
             if isinstance(v, (list, tuple)) and any(id(t) in slot for t in v if isinstance(t, torch.Tensor)):
@@ -203,7 +210,7 @@ class Frozen(nn.Module):
                 torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
             return self.model(*inputs)
         programs = self.__dict__["_programs"]
-        key = tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
+        key = _signature(inputs)
         program = programs.get(key, False)
         if program:
             output = program.run(inputs)
@@ -229,11 +236,10 @@ class Frozen(nn.Module):
 
     def profile(self, *inputs):
         """One replay of the program recorded for `inputs`, each call timed: [(op name, seconds)], in
-        order (C++ replays only; the first call with a new signature records, as forward does)."""
+        order (C++ replays only; a forward first records the program, or re-records a stale one)."""
         with torch.inference_mode():
             self(*inputs)
-            self(*inputs)
-        key = tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
+        key = _signature(inputs)
         replay = self.__dict__["_programs"].get(key)
         if replay is None or replay.native is None:
             raise RuntimeError("bsconv_fast.Frozen.profile: these inputs are not replayed from C++ "
