@@ -168,8 +168,10 @@ def bench_case(label, ref, fused, x, reps, warmup, prof_input, extra_peers=None,
     report = bsconv_fast.profile(ref, prof_input)  # paper-convention counts of the model as published
     backends = bsconv_fast.explain(fused, xc).backends()
     backend = ",".join(sorted(set(backends.values()))) or "-"
-    if isinstance(fused, bsconv_fast.Frozen):
-        backend += " (frozen)"
+    if isinstance(fused, bsconv_fast.Frozen):  # which replay timed it: the first line of its program says
+        program = fused.programs()[-1]
+        backend += " (frozen: runs the model)" if program is None else (
+            " (frozen, C++ replay)" if program.startswith("# replayed from C++") else " (frozen, Python replay)")
     row = {"case": label, "backend": backend, "err_max_abs": err, "err_rel": rel, "params": report.total_params,
            "flops": report.total_flops, "macs": report.total_macs, "min_bytes": report.total_min_bytes}
     for (name, _), t in zip(peers.items(), times):

@@ -63,6 +63,7 @@ def test_json_output(tmp_path):
     assert rc == 0
     data = json.loads(path.read_text())
     assert data["rows"][0]["case"].startswith("cifar_mobilenetv1_w1d4_bsconvu")
+    assert data["rows"][0]["backend"].endswith("(frozen, C++ replay)")  # not the Python replay
     assert {"machine", "commit", "date", "threads", "peak_gflops"} <= data.keys()
     row = data["rows"][0]
     assert row["ceiling_vs_eager"] > 0 and 0 < row["peak_pct"]
