@@ -116,3 +116,22 @@ def test_gpu_check_script_is_valid_bash():
     import os
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_ort_layers_script_prints_both_runtimes_layers(capsys):
+    """benchmarks/ort_layers.py: every call of the frozen model and every ONNX Runtime node gets a row."""
+    pytest.importorskip("bsconv.pytorch")
+    pytest.importorskip("onnxruntime")
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "ort_layers.py"
+    spec = importlib.util.spec_from_file_location("ort_layers", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["1", "cifar_mobilenetv1_w1d4_bsconvu", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    ours = [ln for ln in lines if ln.startswith("bsconv_fast ")]
+    theirs = [ln for ln in lines if ln.startswith("onnxruntime ")]
+    assert any("pw_dw_packed" in ln for ln in ours) and len(theirs) > len(ours)  # ORT splits pw and dw
+    assert all(float(ln.split()[-1]) > 0 for ln in ours + theirs)
+    assert lines[-1].startswith("# sums: bsconv_fast") and f"({len(ours)} calls)" in lines[-1]
