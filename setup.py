@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "bsconv==0.4.0", "numpy", "triton>=3.0"],
+        "test": ["pytest>=7", "bsconv==0.4.0", "numpy", "triton>=3.0", "onnx", "onnxruntime", "onnxscript"],
         "bench": ["bsconv==0.4.0", "onnx", "onnxruntime", "onnxscript"],
         "triton": ["triton>=3.0"],
     },
