@@ -128,7 +128,11 @@ def test_ort_layers_script_prints_both_runtimes_layers(capsys):
     spec = importlib.util.spec_from_file_location("ort_layers", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["1", "cifar_mobilenetv1_w1d4_bsconvu", "1"])
+    threads = torch.get_num_threads()
+    try:
+        script.main(["1", "cifar_mobilenetv1_w1d4_bsconvu", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets it; later tests need the default back
     lines = capsys.readouterr().out.splitlines()
     ours = [ln for ln in lines if ln.startswith("bsconv_fast ")]
     theirs = [ln for ln in lines if ln.startswith("onnxruntime ")]
