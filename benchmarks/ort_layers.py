@@ -23,27 +23,17 @@ import torch
 
 import bsconv_fast
 from bsconv_fast import heap
-from bsconv_fast.bench import randomize_bn
+from bsconv_fast.bench import ort_session, randomize_bn
 
 PAUSE_S = 0.1
-
-
-def ort_session(model, x, threads, workdir):
-    import onnxruntime as ort
-    path = os.path.join(workdir, "model.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(workdir, "profile")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def ort_node_times(profile_path, runs_per_round):
     """Median kernel time (us) of each node over the timed run of every round (the last of its turn)."""
     per_node = collections.defaultdict(list)
-    for event in json.load(open(profile_path)):
+    with open(profile_path) as f:
+        events = json.load(f)
+    for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             per_node[event["name"][:-len("_kernel_time")]].append(event["dur"])
     return [(name, statistics.median(d[runs_per_round - 1::runs_per_round])) for name, d in per_node.items()]
@@ -63,7 +53,7 @@ def main(argv):
     randomize_bn(model)
     size = 32 if name.startswith("cifar") else 224
     x = torch.randn(1, 3, size, size)
-    session = ort_session(model, x, threads, tempfile.mkdtemp(prefix="bsconv_fast_ort_layers_"))
+    session = ort_session(model, x, "1", os.path.join(tempfile.mkdtemp(prefix="bsconv_fast_ort_layers_"), "profile"))
     feed = {session.get_inputs()[0].name: x.numpy()}
     frozen = bsconv_fast.optimize(model, freeze=True)
     xc = x.contiguous(memory_format=torch.channels_last)

@@ -130,28 +130,39 @@ def eager_peers(ref, x):
     return {"eager-cl": lambda: converted(xc), "eager-clx": lambda: ref(xc)}
 
 
-def ort_peers(ref, x, spinning):
-    """ONNX Runtime (CPU provider, this process's thread count) on the unpatched model: `ort` with
-    intra-op spinning off, and with `spinning` also `ort-spin`, ONNX Runtime's default. Its spinning
-    threads keep the cores busy after each run and slow down whoever is timed next, so `ort-spin`
-    is only measured when turns start after a pause (--pause) or contenders are timed alone
-    (--block >= --reps). Empty without onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return {}
+def ort_session(ref, x, spin, profile_prefix=None):
+    """An ONNX Runtime session (CPU provider, this process's thread count, one inter-op thread) on `ref`
+    exported to ONNX for input `x`; `spin`: "1" (ONNX Runtime's default) or "0" for intra-op spinning;
+    `profile_prefix`: turn its profiler on, writing there."""
+    import onnxruntime as ort
     import tempfile
-    path = os.path.join(tempfile.mkdtemp(prefix="bsconv_fast_bench_"), "model.onnx")
+    directory = tempfile.mkdtemp(prefix="bsconv_fast_bench_")
+    path = os.path.join(directory, "model.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(ref, (x,), path, dynamo=False, opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_peers(ref, x, spinning):
+    """ONNX Runtime on the unpatched model (ort_session): `ort` with intra-op spinning off, and with
+    `spinning` also `ort-spin`, ONNX Runtime's default. Its spinning threads keep the cores busy after
+    each run and slow down whoever is timed next, so `ort-spin` is only measured when turns start after
+    a pause (--pause) or contenders are timed alone (--block >= --reps). Empty without onnxruntime."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {}
     peers = {}
     for name, spin in (("ort", "0"), ("ort-spin", "1"))[:2 if spinning else 1]:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort_session(ref, x, spin)
         feed = {session.get_inputs()[0].name: x.numpy()}
         peers[name] = lambda session=session, feed=feed: session.run(None, feed)
     return peers
