@@ -135,6 +135,13 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     conv = torch.ops.bsconv_fast.conv_packed(x3, packed3, cout, [3, 3], list(pr(s)), [1, 1], 1)
     want = torch.relu(torch.nn.functional.conv2d(x3.double(), w3.double(), b.double(), pr(s), 1))
     assert_close_to_reference(conv, want, 27, "conv " + str(case))
+    # the 7x7 RGB stem, whose 21-value patch runs have a micro-kernel of their own (full tiles in place
+    # and gathered at the borders)
+    x7, w7 = torch.randn(n, 3, 2 * h + 9, 3 * w + 2), torch.randn(cout, 3, 7, 7) / 12
+    packed7 = torch.ops.bsconv_fast.pack_pw(w7.permute(0, 2, 3, 1).reshape(cout, -1, 1, 1), b)
+    conv7 = torch.ops.bsconv_fast.conv_packed(x7, packed7, cout, [7, 7], [2, 2], [3, 3], 1)
+    want = torch.relu(torch.nn.functional.conv2d(x7.double(), w7.double(), b.double(), 2, 3))
+    assert_close_to_reference(conv7, want, 147, "7x7 stem " + str(case))
     # max pooling (NaN winning) alone and after the stem: full 16-channel vectors and a tail
     z = torch.randn(n, cout, h + 2, w + 1).contiguous(memory_format=torch.channels_last)
     z[0, cout - 1, 1, 2] = float("nan")

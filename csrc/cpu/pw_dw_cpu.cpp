@@ -39,6 +39,7 @@ constexpr int64_t kNR = 16;         // output channels per packed weight panel
 constexpr int64_t kMinPixels = 96;  // pointwise pixels per GEMM call we aim for
 constexpr int kMaxFixedKernel = 5;  // largest kernel with a specialised depthwise path (5x5)
 constexpr int kMaxPoolKernel = 16;  // largest max-pooling window height conv_pool_packed takes
+constexpr int kStemRun = 21;        // KW * Cin of the 7x7 RGB stem: a GEMM run length compiled in
 
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
 
@@ -476,7 +477,9 @@ void conv_gathered(const ConvGeometry& g, const T* x, const T* w, const T* b, in
   if (ow0 >= ow1) return;
   const int64_t Kd = g.KH * g.KW * g.Cin;
   gather_patches(g, x, n, oh, ow0, ow1, cols);
-  K::pw_out(cols, Kd, Runs{1, Kd, 0}, ow1 - ow0, w, b, 0, g.Cp, g.Cout, g.act, out + ow0 * g.Cout, nullptr);
+  // described as KH runs of KW * Cin, as the in-place patches are, so both take the same micro-kernel
+  K::pw_out(cols, Kd, Runs{g.KH, g.KW * g.Cin, g.KW * g.Cin}, ow1 - ow0, w, b, 0, g.Cp, g.Cout, g.act,
+            out + ow0 * g.Cout, nullptr);
 }
 
 // Output row oh of image n into out (OW pixels x Cout channels); cols: OW * KH * KW * Cin values.

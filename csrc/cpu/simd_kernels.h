@@ -112,18 +112,19 @@ struct OutStore {
 // weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise. Pixel r's
 // K = runs.n * runs.len inputs are runs.n runs of runs.len values, run s at a + s * runs.stride + r * lda.
 // PF: prefetch the next tile's pixels (one line every other k step: a tile of contiguous pixels
-// spans MR * K / 16 lines, at most K / 2 for MR = 8).
-template <int MR, int NV, bool PF, typename Store>
+// spans MR * K / 16 lines, at most K / 2 for MR = 8). LEN > 0: runs.len is LEN.
+template <int MR, int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
                                      const float* bias0, const float* bias1, const Store st) {
   const float* next = a + MR * lda;
+  const int64_t len = LEN > 0 ? LEN : runs.len;
   static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
   const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
   VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
   VReg c40 = i0, c41 = i1, c50 = i0, c51 = i1, c60 = i0, c61 = i1, c70 = i0, c71 = i1;
   VReg c80 = i0, c81 = i1, c90 = i0, c91 = i1, ca0 = i0, ca1 = i1, cb0 = i0, cb1 = i1;
-  for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += runs.len * kNR, b1 += runs.len * kNR) {
-    for (int64_t k = 0; k < runs.len; ++k) {
+  for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += len * kNR, b1 += len * kNR) {
+    for (int64_t k = 0; k < len; ++k) {
       if constexpr (PF) __builtin_prefetch(next + (k >> 1) * 16, 0, 3);
       const VReg w0 = vload(b0 + k * kNR);
       const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
@@ -150,34 +151,36 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
 }
 
 // gemm_micro as a call of its own where the Store asks for it.
-template <int MR, int NV, bool PF, typename Store>
+template <int MR, int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET __attribute__((noinline)) void gemm_micro_call(const float* a, int64_t lda, const float* b0,
                                                            const float* b1, const Runs runs, const float* bias0,
                                                            const float* bias1, const Store st) {
-  gemm_micro<MR, NV, PF>(a, lda, b0, b1, runs, bias0, bias1, st);
+  gemm_micro<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
 }
 
-template <int MR, int NV, bool PF, typename Store>
+template <int MR, int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
                                     const float* bias0, const float* bias1, const Store st) {
   if constexpr (Store::kOutOfLine) {
-    gemm_micro_call<MR, NV, PF>(a, lda, b0, b1, runs, bias0, bias1, st);
+    gemm_micro_call<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
   } else {
-    gemm_micro<MR, NV, PF>(a, lda, b0, b1, runs, bias0, bias1, st);
+    gemm_micro<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
   }
 }
 
 // All pixel tiles of one column block (NV vectors): npix pixels, pixel p at a + p * lda.
-template <int NV, bool PF, typename Store>
+template <int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* b0,
                                        const float* b1, const float* bias0, const float* bias1, const Store st) {
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) gemm_tile<kMR, NV, PF>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
+  for (; p + kMR <= npix; p += kMR) {
+    gemm_tile<kMR, NV, PF, LEN>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
+  }
   const float* ap = a + p * lda;
   const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_tile<(r < kMR ? r : 1), NV, false>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
+  case r: gemm_tile<(r < kMR ? r : 1), NV, false, 0>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -188,7 +191,8 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
 // Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, its inputs as `runs`
 // say), packed weights `w` and bias as pack_into lays them out, one column block of 2 vectors
 // (or 1) at a time.
-template <typename Store>
+// LEN > 0: runs.len is LEN (a compile-time constant for the micro-kernel's inner loop).
+template <int LEN = 0, typename Store>
 BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
                                       const float* bias, int64_t c0, int64_t cg, const Store st) {
   constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
@@ -200,15 +204,15 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
   // cifar_mobilenetv1 3-4%, mobilenetv3 2% faster, resnet18 and mobilenetv2 unchanged.
   int64_t c = c0;
   if (c + step <= c0 + cg) {
-    gemm_columns<2, true>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st);
+    gemm_columns<2, true, LEN>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st);
     c += step;
   }
   for (; c + step <= c0 + cg; c += step) {
-    gemm_columns<2, false>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes,
+    gemm_columns<2, false, LEN>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes,
                            st.shifted(c - c0));
   }
   for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
-    gemm_columns<1, false>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
+    gemm_columns<1, false, LEN>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
   }
 }
 
@@ -227,8 +231,15 @@ struct Kernels {
                                    const float* bias, int64_t c0, int64_t cg, int64_t Cout, int64_t act, float* y,
                                    const float* res) {
     with_act(act, [&](auto a_) BSCONV_TARGET {
-      gemm_panels(a, lda, runs, npix, w, bias, c0, cg,
-                  OutStore<a_()>{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0});
+      const OutStore<a_()> st{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0};
+      // The 7x7 RGB stem's runs (7 x 3 = 21 values) with their length known at compile time: the
+      // k loop unrolled, constant offsets. Measured (A/B in one process, 2 threads): ResNet-18's
+      // conv_pool 1216 vs 1273 us, the whole model 1.6-2.1% faster.
+      if (runs.len == kStemRun) {
+        gemm_panels<kStemRun>(a, lda, runs, npix, w, bias, c0, cg, st);
+      } else {
+        gemm_panels(a, lda, runs, npix, w, bias, c0, cg, st);
+      }
     });
   }
 
