@@ -22,7 +22,8 @@ class Report(list):
 
 def explain(model, example_input):
     """Run `model(example_input)` once (no grad) and report, for every BSConv layer, the backend
-    that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason. Layers that are
+    that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason; two layers of a ResNet
+    unit that run as one call are one row, 'cpu-fused-pair (...)'. Layers that are
     BSConv but not patched are listed as reference with reason 'not patched'.
 
     It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched. A frozen
@@ -38,7 +39,10 @@ def explain(model, example_input):
         def hook(mod, args):
             x = args[0]
             if hasattr(mod, "choice"):
-                backend, reason = mod.choice(x)
+                chosen = mod.choice(x)
+                if chosen is None:  # a container whose layers report themselves for this input
+                    return
+                backend, reason = chosen
             else:
                 backend, reason = "reference", "not patched (call bsconv_fast.patch(model))"
             report.append({"module": name or "(root)", "type": type(mod).__name__,

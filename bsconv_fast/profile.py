@@ -11,8 +11,9 @@ is not included, which is the point of fusing it.
 import torch
 import torch.nn as nn
 
+from bsconv_fast import ops
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedPointwise, FusedPwDw
+from bsconv_fast.optimize import FusedPointwise, FusedPwDw, ResidualUnit
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -117,25 +118,33 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
     rows = []
     handles = []
 
+    def add_row(name, module, x, out, counts):
+        flops, macs, params = counts
+        esize = out.element_size()
+        rows.append({"module": name, "type": type(module).__name__, "in_shape": tuple(x.shape[1:]),
+                     "out_shape": tuple(out.shape[1:]), "params": params, "flops": flops, "macs": macs,
+                     "real_flops": flops + macs, "min_bytes": (x.numel() + out.numel()) * esize + params * esize})
+
     def hook(name):
         def fn(module, args, out):
             x = args[0]
-            if isinstance(module, FUSED):
+            if isinstance(module, ResidualUnit):
+                plan = module.pair_plan(x)
+                if plan is not None:  # one call for both layers, which count as they do run one by one
+                    mid = x.new_empty(ops.out_shape(x, *plan[0][:5]), device="meta")
+                    add_row(name + ".first", module.first, x, mid, _optimized_counts(module.first, x, mid))
+                    add_row(name + ".last", module.last, mid, out, _optimized_counts(module.last, mid, out))
+            elif isinstance(module, FUSED):
                 x = _tail_input(module, x)
-                flops, macs, params = _fused_counts(module, x, out)
+                add_row(name, module, x, out, _fused_counts(module, x, out))
             elif isinstance(module, FusedPointwise):  # and FusedConv
-                flops, macs, params = _dense_counts(module, args, out)
+                add_row(name, module, x, out, _dense_counts(module, args, out))
             else:
-                (flops, macs), params = _leaf_counts(module, x, out), _count_params([module])
-            esize = out.element_size()
-            rows.append({"module": name, "type": type(module).__name__, "in_shape": tuple(x.shape[1:]),
-                         "out_shape": tuple(out.shape[1:]), "params": params, "flops": flops, "macs": macs,
-                         "real_flops": flops + macs,
-                         "min_bytes": (x.numel() + out.numel()) * esize + params * esize})
+                add_row(name, module, x, out, (*_leaf_counts(module, x, out), _count_params([module])))
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, FUSED) or len(module._modules) == 0:
+        if isinstance(module, FUSED + (ResidualUnit,)) or len(module._modules) == 0:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():

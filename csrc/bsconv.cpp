@@ -31,6 +31,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &bsconv_fast::cpu::kernel_isa, "CPU kernel family: 'avx512', 'avx2-fma' or 'scalar'.");
   m.def("pw_dw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
                                      IntArrayRef, int64_t, int64_t, const OptTensor&)>::bind("bsconv_fast::pw_dw_packed"));
+  m.def("pw_dw_pair_packed",
+        Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
+                     int64_t, int64_t, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
+                     int64_t, int64_t, bool)>::bind("bsconv_fast::pw_dw_pair_packed"));
   m.def("pw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, int64_t, const OptTensor&)>::bind(
                          "bsconv_fast::pw_packed"));
   m.def("conv_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
@@ -66,6 +70,14 @@ TORCH_LIBRARY(bsconv_fast, m) {
   m.def(
       "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
       "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");
+  // Two such layers in one pass, the second on the first's output (never written to memory); with
+  // residual=True x is added before the second's out_act2 (a ResNet unit with an identity shortcut):
+  // y = out_act2(layer2(layer1(x)) + x).
+  m.def(
+      "pw_dw_pair_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
+      "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor packed2, int out_channels2, "
+      "int[2] kernel2, int[2] stride2, int[2] padding2, int[2] dilation2, int mid_act2, int out_act2, "
+      "bool residual) -> Tensor");
   // The 1x1 convolutions around fused layers (inference, CPU): y = act(conv1x1(x, weight, stride)
   // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
   m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");

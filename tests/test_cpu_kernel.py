@@ -124,6 +124,14 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
                                                 list(pr(s)), list(pr(p)), list(pr(d)), 3, 1, r)
     want = torch.relu(ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 0) + r.double())
     assert_close_to_reference(packed, want, cin + 25, "residual " + str(case))
+    # two layers in one pass (the second on the first's rows, x as its residual)
+    pw2, dw2 = torch.randn(cin, cout, 1, 1) / cout ** 0.5, torch.randn(cin, 1, 3, 3) / 3
+    pair = torch.ops.bsconv_fast.pw_dw_pair_packed(
+        x, torch.ops.bsconv_fast.pack(pw, dw, mb, b), cout, list(dw.shape[2:]), list(pr(s)), list(pr(p)),
+        list(pr(d)), 3, 2, torch.ops.bsconv_fast.pack(pw2, dw2, None, None), cin, [3, 3], [1, 1], [1, 1], [1, 1], 0,
+        0, False)
+    want = ref64(ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2), pw2, dw2, None, None, (1, 1), (1, 1), (1, 1))
+    assert_close_to_reference(pair, want, (cin + 25) * (cout + 9), "pair " + str(case))
     # the 1x1 op on the same micro-kernel, with a residual and a channel tail
     y = torch.randn(n, cout, (h - 1) // pr(s)[0] + 1, (w - 1) // pr(s)[1] + 1)
     pw_out = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), cout, list(pr(s)), 2, y)

@@ -144,10 +144,13 @@ def test_typed_entry_points_match_torch_ops():
     x3 = x[:, :3].contiguous(memory_format=torch.channels_last)
     packed = ops.pack(torch.randn(19, 5, 1, 1), torch.randn(19, 1, 3, 3), torch.randn(19), None)
     packed_pw = ops.pack_pw(torch.randn(19, 5, 1, 1), torch.randn(19))
+    packed2 = ops.pack(torch.randn(5, 19, 1, 1), torch.randn(5, 1, 3, 3), None, torch.randn(5))
     packed_conv = ops.pack_pw(torch.randn(19, 27, 1, 1), None)
     residual = torch.randn(2, 19, 7, 6).contiguous(memory_format=torch.channels_last)
     calls = [(ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3)),
              (ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3, residual)),
+             (ops.pw_dw_pair_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3, packed2, 5, [3, 3], [1, 1],
+                                      [1, 1], [1, 1], 0, 1, False)),
              (ops.pw_packed, (x, packed_pw, 19, [2, 2], 2, residual)),
              (ops.conv_packed, (x3, packed_conv, 19, [3, 3], [2, 2], [1, 1], 4)),
              (ops.conv_pool_packed, (x3, packed_conv, 19, [3, 3], [1, 1], [1, 1], 1, [3, 3], [2, 2], [1, 1])),

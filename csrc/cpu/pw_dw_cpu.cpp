@@ -305,47 +305,82 @@ int64_t threads_for(int64_t macs) {
   return (at::in_parallel_region() || macs < kSerialMacs) ? 1 : at::get_num_threads();
 }
 
+// Pointwise rows one fused layer keeps in its ring: the kernel's vertical span, plus rows to fill
+// ahead so that one GEMM call sees about kMinPixels pixels.
+int64_t ring_rows(const Geometry& g) {
+  const int64_t span = (g.KH - 1) * g.dh + 1;  // input rows one output row reads
+  const int64_t extra = std::max<int64_t>(0, ceil_div(kMinPixels, g.W) - 1);
+  return std::max(span, std::min(span + extra, g.H));
+}
+
+// Output rows of one fused layer, channels [c0, c0 + cg), made in increasing order (below oh1). The
+// pointwise rows live in `ring` (ring_rows(g) x W x cg); rows of the vertical halo stay there and are
+// reused, never recomputed. Input rows come from `input(r, count)`: a pointer to `count` consecutive
+// input rows from row r as contiguous pixels (count never crosses the end of the ring: a producer that
+// keeps its rows in a ring of the same length and slot order, r % ring_rows, can hand them out in place).
+template <typename T, typename K>
+class LayerRows {
+ public:
+  LayerRows(const Geometry& g, const Operands<T>& o, int64_t c0, int64_t cg, int64_t oh1, T* ring)
+      : g_(g), o_(o), c0_(c0), cg_(cg), ring_rows_(ring_rows(g)), row_elems_(g.W * cg), ring_(ring),
+        band_last_(std::min(g.H - 1, (oh1 - 1) * g.sh - g.ph + (g.KH - 1) * g.dh)), rows_(g.KH) {}
+
+  // Output row oh, stored by the depthwise stage of `out` (its weights, y and residual) as row oh_out
+  // of image n_out of its y.
+  template <typename Input>
+  void row(int64_t oh, const Operands<T>& out, int64_t n_out, int64_t oh_out, const Input& input) {
+    const int64_t ih_first = oh * g_.sh - g_.ph;
+    const int64_t lo = std::max<int64_t>(ih_first, 0);
+    const int64_t hi = std::min(ih_first + (g_.KH - 1) * g_.dh, g_.H - 1);
+    next_row_ = std::max(next_row_, lo);  // rows above the window are never needed again
+    if (hi >= next_row_) {
+      // Fill ahead as far as the ring allows without evicting rows of this window.
+      const int64_t last = std::min(lo + ring_rows_ - 1, band_last_);
+      while (next_row_ <= last) {
+        const int64_t slot = next_row_ % ring_rows_;
+        const int64_t count = std::min(last - next_row_ + 1, ring_rows_ - slot);
+        K::pw_rows(g_, o_, input(next_row_, count), count * g_.W, c0_, cg_, ring_ + slot * row_elems_);
+        next_row_ += count;
+      }
+    }
+    for (int64_t kh = 0; kh < g_.KH; ++kh) {
+      const int64_t ih = ih_first + kh * g_.dh;
+      rows_[kh] = (ih >= 0 && ih < g_.H) ? ring_ + (ih % ring_rows_) * row_elems_ : nullptr;
+    }
+    K::dw_row(g_, out, rows_.data(), n_out, oh_out, c0_, cg_);
+  }
+
+ private:
+  const Geometry& g_;
+  const Operands<T>& o_;
+  const int64_t c0_, cg_, ring_rows_, row_elems_;
+  T* const ring_;
+  const int64_t band_last_;
+  int64_t next_row_ = 0;  // first input row not yet in the ring
+  std::vector<const T*> rows_;
+};
+
+// Ring sizes in elements, rounded to whole 64-byte lines so that rings placed one after the other
+// in the scratch buffer stay aligned.
+int64_t ring_elems(const Geometry& g, int64_t cg) { return ceil_div(ring_rows(g) * g.W * cg, kNR) * kNR; }
+
 // One work item: image n, channels [c0, c0 + cg), output rows [oh0, oh1).
 template <typename T, typename K>
 void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, int64_t cg,
               int64_t oh0, int64_t oh1) {
-  const int64_t span = (g.KH - 1) * g.dh + 1;  // input rows one output row reads
-  const int64_t extra = std::max<int64_t>(0, ceil_div(kMinPixels, g.W) - 1);
-  const int64_t ring_rows = std::max(span, std::min(span + extra, g.H));
-  const int64_t row_elems = g.W * cg;
-  T* const ring = thread_scratch<T>(ring_rows * row_elems);
-  std::vector<const T*> rows(g.KH);
+  LayerRows<T, K> layer(g, o, c0, cg, oh1, thread_scratch<T>(ring_elems(g, cg)));
+  const auto image_rows = [&](int64_t r, int64_t) { return o.x + ((n * g.H + r) * g.W) * g.Cin; };
+  for (int64_t oh = oh0; oh < oh1; ++oh) layer.row(oh, o, n, oh, image_rows);
+}
 
-  const int64_t band_last = std::min(g.H - 1, (oh1 - 1) * g.sh - g.ph + (g.KH - 1) * g.dh);
-  int64_t next_row = 0;  // first input row not yet in the ring
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const int64_t ih_first = oh * g.sh - g.ph;
-    const int64_t lo = std::max<int64_t>(ih_first, 0);
-    const int64_t hi = std::min(ih_first + (g.KH - 1) * g.dh, g.H - 1);
-    next_row = std::max(next_row, lo);  // rows above the window are never needed again
-    if (hi >= next_row) {
-      // Fill ahead as far as the ring allows without evicting rows of this window.
-      const int64_t last = std::min(lo + ring_rows - 1, band_last);
-      while (next_row <= last) {
-        const int64_t slot = next_row % ring_rows;
-        const int64_t count = std::min(last - next_row + 1, ring_rows - slot);
-        K::pw_rows(g, o, o.x + ((n * g.H + next_row) * g.W) * g.Cin, count * g.W, c0, cg,
-                   ring + slot * row_elems);
-        next_row += count;
-      }
-    }
-    for (int64_t kh = 0; kh < g.KH; ++kh) {
-      const int64_t ih = ih_first + kh * g.dh;
-      rows[kh] = (ih >= 0 && ih < g.H) ? ring + (ih % ring_rows) * row_elems : nullptr;
-    }
-    K::dw_row(g, o, rows.data(), n, oh, c0, cg);
-  }
+int64_t layer_macs(const Geometry& g) {
+  return g.N * g.H * g.W * g.Cin * g.Cp + g.N * g.OH * g.OW * g.Cp * g.KH * g.KW;
 }
 
 template <typename T, typename K>
 void run(const Geometry& g, const Operands<T>& o) {
   const int64_t panels = g.Cp / kNR;
-  const int64_t threads = threads_for(g.N * g.H * g.W * g.Cin * g.Cp + g.N * g.OH * g.OW * g.Cp * g.KH * g.KW);
+  const int64_t threads = threads_for(layer_macs(g));
   // Images first, then channel slabs (no redundant work, but every slab streams the whole input),
   // then row bands. A narrow input over many rows goes to bands before slabs: recomputing the
   // few halo rows per band costs less than every thread streaming the full input, and the next
@@ -371,6 +406,47 @@ void run(const Geometry& g, const Operands<T>& o) {
       if (oh0 < oh1) run_item<T, K>(g, o, n, c0, cg, oh0, oh1);
     }
     if (g.stream_out) _mm_sfence();  // order this thread's streaming stores before returning
+  });
+}
+
+// bsconv_fast::pw_dw_pair_packed: two fused layers in one pass, the second (gb) reading the first's
+// (ga) output rows from a small ring as they are made, so the intermediate never leaves the cache,
+// and the input as the second's optional residual (ob.res: a ResNet unit). A work item is a band of
+// the second layer's output rows of one image with all channels of both layers; each band computes
+// the first layer's rows its window needs, the few halo rows at a band edge twice.
+template <typename T, typename K>
+void run_pair(const Geometry& ga, const Operands<T>& oa, const Geometry& gb, const Operands<T>& ob) {
+  const int64_t threads = threads_for(layer_macs(ga) + layer_macs(gb));
+  const int64_t bands = std::min(gb.OH, ceil_div(threads, gb.N));
+  const int64_t rows_per_band = ceil_div(gb.OH, bands);
+  const int64_t items = gb.N * bands;
+  // The first layer's output rows live in a ring of the second's ring length and slot order, so a
+  // run of rows the second's pointwise stage asks for lies contiguous in it.
+  const int64_t mid_rows = ring_rows(gb), mid_row = gb.W * gb.Cin;
+  const int64_t ring_a = ring_elems(ga, ga.Cp), mid_elems = ceil_div(mid_rows * mid_row, kNR) * kNR;
+  at::parallel_for(0, items, ceil_div(items, threads), [&](int64_t begin, int64_t end) {
+    T* const scratch = thread_scratch<T>(ring_a + mid_elems + ring_elems(gb, gb.Cp));
+    T* const mid = scratch + ring_a;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / bands, oh0 = item % bands * rows_per_band;
+      const int64_t oh1 = std::min(gb.OH, oh0 + rows_per_band);
+      if (oh0 >= oh1) continue;
+      const int64_t last_mid = std::min(ga.OH - 1, (oh1 - 1) * gb.sh - gb.ph + (gb.KH - 1) * gb.dh);
+      LayerRows<T, K> first(ga, oa, 0, ga.Cp, last_mid + 1, scratch);
+      LayerRows<T, K> second(gb, ob, 0, gb.Cp, oh1, mid + mid_elems);
+      const auto image_rows = [&](int64_t r, int64_t) { return oa.x + ((n * ga.H + r) * ga.W) * ga.Cin; };
+      const auto first_rows = [&](int64_t r, int64_t count) {
+        for (int64_t i = r; i < r + count; ++i) {
+          Operands<T> to = oa;  // the first layer's depthwise stage, stored into the ring's slot of row i
+          to.y = mid + (i % mid_rows) * mid_row;
+          to.res = nullptr;
+          first.row(i, to, 0, 0, image_rows);
+        }
+        return static_cast<const T*>(mid + (r % mid_rows) * mid_row);
+      };
+      for (int64_t oh = oh0; oh < oh1; ++oh) second.row(oh, ob, n, oh, first_rows);
+    }
+    if (gb.stream_out) _mm_sfence();
   });
 }
 
@@ -662,13 +738,15 @@ const char* kernel_isa() {
 
 namespace {
 
-Geometry make_geometry(const at::Tensor& x, int64_t Cout, at::IntArrayRef kernel, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t mid_act, int64_t out_act) {
+// The layer's geometry for an input of sizes `in` (N, C, H, W) and dtype `dtype`.
+Geometry make_geometry(at::IntArrayRef in, at::ScalarType dtype, int64_t Cout, at::IntArrayRef kernel,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t mid_act,
+                       int64_t out_act) {
   Geometry g{};
-  g.N = x.size(0);
-  g.Cin = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
+  g.N = in[0];
+  g.Cin = in[1];
+  g.H = in[2];
+  g.W = in[3];
   g.Cout = Cout;
   g.Cp = ceil_div(Cout, kNR) * kNR;
   g.KH = kernel[0];
@@ -687,8 +765,8 @@ Geometry make_geometry(const at::Tensor& x, int64_t Cout, at::IntArrayRef kernel
   // non-temporal stores skip the read-for-ownership of every line. They need whole, aligned
   // vectors per pixel (Cout a multiple of 16 floats; at::empty aligns the base to 64 bytes).
   constexpr int64_t kStreamBytes = 24 << 20;
-  g.stream_out = Cout % 16 == 0 && g.N * Cout * g.OH * g.OW * x.element_size() > kStreamBytes &&
-                 x.scalar_type() == at::kFloat;
+  g.stream_out = Cout % 16 == 0 && g.N * Cout * g.OH * g.OW * c10::elementSize(dtype) > kStreamBytes &&
+                 dtype == at::kFloat;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::pw_dw: input ", g.H, "x", g.W, " is too small for kernel ",
               g.KH, "x", g.KW, " with this padding and dilation");
   return g;
@@ -710,6 +788,15 @@ const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// The operands of a layer whose weights `packed` holds (the layout pack_into writes).
+template <typename T>
+Operands<T> packed_operands(const Geometry& g, const at::Tensor& packed, const T* x, T* y, const T* res) {
+  const T* pw = packed.data_ptr<T>();
+  const T* dw = pw + g.Cp * g.Cin;
+  const T* b1 = dw + g.KH * g.KW * g.Cp;
+  return Operands<T>{x, pw, b1, dw, b1 + g.Cp, y, res};
+}
+
 // Run the kernels on packed weights; the output keeps the input's memory format.
 at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Geometry& g,
                       const c10::optional<at::Tensor>& residual = c10::nullopt) {
@@ -722,11 +809,8 @@ at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Ge
   if (g.N > 0 && g.Cout > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_cpu", [&] {
-      const scalar_t* pw = packed.data_ptr<scalar_t>();
-      const scalar_t* dw = pw + g.Cp * g.Cin;
-      const scalar_t* b1 = dw + g.KH * g.KW * g.Cp;
-      Operands<scalar_t> o{x.data_ptr<scalar_t>(), pw, b1, dw, b1 + g.Cp, y.data_ptr<scalar_t>(),
-                           data_or_null<scalar_t>(res)};
+      const auto o = packed_operands<scalar_t>(g, packed, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                               data_or_null<scalar_t>(res));
       with_kernels<scalar_t>([&](auto k) { run<scalar_t, decltype(k)>(g, o); });
     });
   }
@@ -740,8 +824,8 @@ at::Tensor pw_dw_cpu(const at::Tensor& x, const at::Tensor& pw_weight, const at:
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                      int64_t mid_act, int64_t out_act) {
   check_inputs(x, pw_weight, dw_weight, mid_bias, bias, stride, padding, dilation, mid_act, out_act);
-  const Geometry g = make_geometry(x, pw_weight.size(0), dw_weight.sizes().slice(2), stride, padding, dilation,
-                                   mid_act, out_act);
+  const Geometry g = make_geometry(x.sizes(), x.scalar_type(), pw_weight.size(0), dw_weight.sizes().slice(2), stride,
+                                   padding, dilation, mid_act, out_act);
   return run_packed(x, pack_checked(pw_weight, dw_weight, mid_bias, bias), g);
 }
 
@@ -752,27 +836,73 @@ at::Tensor pack_cpu(const at::Tensor& pw_weight, const at::Tensor& dw_weight,
   return pack_checked(pw_weight, dw_weight, mid_bias, bias);
 }
 
+namespace {
+
+// The geometry of a layer on packed weights for an input of sizes `in` and dtype `dtype`, its arguments
+// checked; `op` names the op (and the layer) in the errors.
+Geometry packed_geometry(const std::string& op, at::IntArrayRef in, at::ScalarType dtype, const at::Tensor& packed,
+                         int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t mid_act, int64_t out_act) {
+  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, op, ": bad kernel ", kernel);
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op, ": bad stride ", stride);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0, op, ": bad dilation ", dilation);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op, ": bad padding ", padding);
+  TORCH_CHECK(mid_act >= 0 && mid_act <= 4 && out_act >= 0 && out_act <= 4, op,
+              ": activation codes must be in [0, 4]");
+  TORCH_CHECK(packed.scalar_type() == dtype && packed.dim() == 1 && packed.is_contiguous(), op,
+              ": packed must be a contiguous 1-D buffer from bsconv_fast::pack with the dtype of x");
+  const Geometry g = make_geometry(in, dtype, out_channels, kernel, stride, padding, dilation, mid_act, out_act);
+  TORCH_CHECK(packed.numel() == packed_numel(g.Cin, g.Cp, g.KH * g.KW), op, ": packed has ", packed.numel(),
+              " elements, not what bsconv_fast::pack gives for ", g.Cin, " input channels, ", out_channels,
+              " output channels and a ", g.KH, "x", g.KW, " kernel");
+  return g;
+}
+
+}  // namespace
+
 at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t mid_act, int64_t out_act,
                             const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4, "bsconv_fast::pw_dw_packed: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(kernel.size() == 2 && kernel[0] > 0 && kernel[1] > 0, "bsconv_fast::pw_dw_packed: bad kernel ", kernel);
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "bsconv_fast::pw_dw_packed: bad stride ", stride);
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
-              "bsconv_fast::pw_dw_packed: bad dilation ", dilation);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-              "bsconv_fast::pw_dw_packed: bad padding ", padding);
-  TORCH_CHECK(mid_act >= 0 && mid_act <= 4 && out_act >= 0 && out_act <= 4,
-              "bsconv_fast::pw_dw_packed: activation codes must be in [0, 4]");
-  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.dim() == 1 && packed.is_contiguous(),
-              "bsconv_fast::pw_dw_packed: packed must be a contiguous 1-D buffer from bsconv_fast::pack with "
-              "the dtype of x");
-  const Geometry g = make_geometry(x, out_channels, kernel, stride, padding, dilation, mid_act, out_act);
-  TORCH_CHECK(packed.numel() == packed_numel(g.Cin, g.Cp, g.KH * g.KW), "bsconv_fast::pw_dw_packed: packed has ",
-              packed.numel(), " elements, not what bsconv_fast::pack gives for ", g.Cin, " input channels, ",
-              out_channels, " output channels and a ", g.KH, "x", g.KW, " kernel");
+  const Geometry g = packed_geometry("bsconv_fast::pw_dw_packed", x.sizes(), x.scalar_type(), packed, out_channels,
+                                     kernel, stride, padding, dilation, mid_act, out_act);
   return run_packed(x, packed, g, residual);
+}
+
+at::Tensor pw_dw_pair_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels,
+                                 at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t mid_act, int64_t out_act, const at::Tensor& packed2,
+                                 int64_t out_channels2, at::IntArrayRef kernel2, at::IntArrayRef stride2,
+                                 at::IntArrayRef padding2, at::IntArrayRef dilation2, int64_t mid_act2,
+                                 int64_t out_act2, bool residual) {
+  const std::string op = "bsconv_fast::pw_dw_pair_packed";
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, op,
+              " (CPU): supports float32 and float64, got ", x_in.scalar_type());
+  const Geometry ga = packed_geometry(op + " (first layer)", x_in.sizes(), x_in.scalar_type(), packed, out_channels,
+                                      kernel, stride, padding, dilation, mid_act, out_act);
+  const Geometry gb = packed_geometry(op + " (second layer)", {ga.N, ga.Cout, ga.OH, ga.OW}, x_in.scalar_type(),
+                                      packed2, out_channels2, kernel2, stride2, padding2, dilation2, mid_act2,
+                                      out_act2);
+  TORCH_CHECK(!residual || (gb.Cout == ga.Cin && gb.OH == ga.H && gb.OW == ga.W), op,
+              ": residual=True adds x to the output, which needs the output's shape (", gb.N, ", ", gb.Cout, ", ",
+              gb.OH, ", ", gb.OW, ") to be x's ", x_in.sizes());
+  const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  auto y = at::empty({gb.N, gb.Cout, gb.OH, gb.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (gb.N > 0 && gb.Cout > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_pair_cpu", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      Geometry first = ga;
+      first.stream_out = false;  // its rows go to a ring in the cache
+      const auto oa = packed_operands<scalar_t>(first, packed, xp, nullptr, nullptr);
+      const auto ob = packed_operands<scalar_t>(gb, packed2, nullptr, y.data_ptr<scalar_t>(), residual ? xp : nullptr);
+      with_kernels<scalar_t>([&](auto k) { run_pair<scalar_t, decltype(k)>(first, oa, gb, ob); });
+    });
+  }
+  return channels_last_in ? y : y.contiguous();
 }
 
 at::Tensor pack_pw_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -915,6 +1045,7 @@ TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pw_dw", &pw_dw_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("pw_dw_packed", &pw_dw_packed_cpu);
+  m.impl("pw_dw_pair_packed", &pw_dw_pair_packed_cpu);
   m.impl("pack_pw", &pack_pw_cpu);
   m.impl("pw_packed", &pw_packed_cpu);
   m.impl("conv_packed", &conv_packed_cpu);
