@@ -217,29 +217,20 @@ class InvertedResidual(nn.Module):
         return self.project(y, x if self.skip else None)
 
 
-class ResidualUnit(nn.Module):
-    """ResNet basic unit for inference: relu(body(x) + shortcut(x)), the add and the ReLU in the last
-    fused layer's store, which takes x (identity shortcut) or the 1x1 projection of x as its residual.
-    The projection runs first, while x is still in the cache from the previous layer: 1.006-1.017x
-    faster resnet18_bsconvu than projecting last with the body's output as the projection's residual
-    (A/B in one process, 2 threads; 1.011x on 1 thread).
+class _PairedLayers(nn.Module):
+    """Two FusedPwDw layers, `first` feeding `last`, that run as one bsconv_fast::pw_dw_pair_packed call
+    where that pays: the second reads the first's output rows from a ring in the cache as they are made,
+    so the intermediate never goes to memory (see pair_plan for where)."""
 
-    With an identity shortcut on large, narrow inputs both fused layers run as one
-    bsconv_fast::pw_dw_pair_packed call: the second reads the first's rows from the cache as they are
-    made, and x once more for the residual while it is still there (see pair_plan)."""
-
-    # Pairs pay off where the fused op splits rows over threads anyway (pw_dw_cpu.cpp, run(): at most
-    # 64 input channels, 28 output rows or more); elsewhere the pair's row bands recompute halo rows
-    # and lose the channel split. Measured on resnet18_bsconvu (A/B in one process, frozen models):
-    # stage 1's two units 755 vs 802 us, the model 1.008-1.022x faster (2 threads, batch 1, four
-    # runs), 1.024x (1 thread), 1.040x (batch 8); pairing stage 2's unit too (128 channels at 28x28):
-    # 591 vs 551 us, slower.
-    PAIR_MAX_CHANNELS = 64
-    PAIR_MIN_ROWS = 28
-
-    def __init__(self, first, last, projection):
-        super().__init__()
-        self.first, self.last, self.projection = first, last, projection
+    # Where pairs pay (A/B in one process, frozen models, 2 threads, batch 1): intermediates of at least
+    # 512 KiB per image and 28 rows. resnet18_bsconvu stage 1 (64 channels at 56x56, 784 KiB): its two
+    # units 755 vs 802 us, the model 1.008-1.022x faster (four runs), 1.024x on 1 thread, 1.040x at
+    # batch 8; mobilenetv1_w1_bsconvu 32->64 @112 with 64->128 s2 (3 MiB) 1.012x and 1.015x, 128->128
+    # @56 with 128->256 s2 (1.5 MiB) 1.023x and 1.023x. Smaller ones lose or gain nothing: resnet18's
+    # 128-channel unit at 28x28 (392 KiB) 591 vs 551 us; cifar_mobilenetv1's first pair (256 KiB) 0.998x.
+    # There the pair's row bands recompute the first layer's halo rows for little saved traffic.
+    PAIR_MIN_BYTES = 512 << 10
+    PAIR_MIN_ROWS = 56
 
     def pair_plan(self, x):
         """(first's, last's) arguments of pw_dw_pair_packed for input x, or None: the layers run one by one."""
@@ -251,18 +242,24 @@ class ResidualUnit(nn.Module):
             plans[key] = self._pair_plan(x)
         return plans[key]
 
+    def _pair_allowed(self, x, out_shape):
+        """Whether the call this module makes can be the pair's (ResidualUnit: x added, so shapes match)."""
+        return True
+
     def _pair_plan(self, x):
         first, last = self.first, self.last
-        if self.projection is not None or not (isinstance(first, FusedPwDw) and isinstance(last, FusedPwDw)) \
-                or first.prefix is not None or last.prefix is not None or x.dim() != 4 \
-                or x.shape[1] > self.PAIR_MAX_CHANNELS:
+        if not (isinstance(first, FusedPwDw) and isinstance(last, FusedPwDw)) or first.prefix is not None \
+                or last.prefix is not None or x.dim() != 4:
             return None
         a = first._inference_plan(x)
         if a is None:
             return None
         mid = x.new_empty((0, *ops.out_shape(x, *a[:5])[1:]))  # the first layer's output, as a shape
         b = last._inference_plan(mid)
-        if b is None or ops.out_shape(mid, *b[:5])[1:] != tuple(x.shape[1:]) or x.shape[2] < self.PAIR_MIN_ROWS:
+        if b is None or not self._pair_allowed(x, ops.out_shape(mid, *b[:5])):
+            return None
+        _, c, h, w = mid.shape
+        if h < self.PAIR_MIN_ROWS or c * h * w * x.element_size() < self.PAIR_MIN_BYTES:
             return None
         return a, b
 
@@ -273,15 +270,84 @@ class ResidualUnit(nn.Module):
             return None
         return f"cpu-fused-pair ({_ext.cpu_kernel_isa()})", ""
 
+    def _run_pair(self, x, plan, residual):
+        return torch.ops.bsconv_fast.pw_dw_pair_packed(x, self.first._packed_weights(), *plan[0],
+                                                       self.last._packed_weights(), *plan[1], residual)
+
+
+class FusedPair(_PairedLayers):
+    """Two consecutive FusedPwDw layers of a sequential stack (MobileNetV1's), as one call where it pays."""
+
+    def __init__(self, first, last):
+        super().__init__()
+        self.first, self.last = first, last
+
+    def forward(self, x):
+        plan = self.pair_plan(x)
+        return self.last(self.first(x)) if plan is None else self._run_pair(x, plan, False)
+
+
+class ResidualUnit(_PairedLayers):
+    """ResNet basic unit for inference: relu(body(x) + shortcut(x)), the add and the ReLU in the last
+    fused layer's store, which takes x (identity shortcut) or the 1x1 projection of x as its residual.
+    The projection runs first, while x is still in the cache from the previous layer: 1.006-1.017x
+    faster resnet18_bsconvu than projecting last with the body's output as the projection's residual
+    (A/B in one process, 2 threads; 1.011x on 1 thread). With an identity shortcut both fused layers
+    run as one call where that pays (_PairedLayers), x read once more for the residual while it is
+    still in the cache."""
+
+    def __init__(self, first, last, projection):
+        super().__init__()
+        self.first, self.last, self.projection = first, last, projection
+
+    def _pair_allowed(self, x, out_shape):
+        return self.projection is None and tuple(out_shape[1:]) == tuple(x.shape[1:])
+
     def forward(self, x):
         if self.projection is None:
             plan = self.pair_plan(x)
             if plan is not None:
-                return torch.ops.bsconv_fast.pw_dw_pair_packed(x, self.first._packed_weights(), *plan[0],
-                                                               self.last._packed_weights(), *plan[1], True)
+                return self._run_pair(x, plan, True)
             return self.last(self.first(x), x)
         shortcut = self.projection(x)
         return self.last(self.first(x), shortcut)
+
+
+def _is_stack(module):
+    """An nn.Sequential that runs its children in order (not a subclass with a forward of its own, such
+    as the BSConv modules)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _sequential_layers(module):
+    """(parent, name, layer) of the layers a stack of nested stacks runs one after the other, in that
+    order: each one's output is the next one's input."""
+    for name, child in module._modules.items():
+        if _is_stack(child):
+            yield from _sequential_layers(child)
+        else:
+            yield module, name, child
+
+
+def pair_sequential_layers(module):
+    """Wrap consecutive FusedPwDw layers of nested stacks (nn.Sequential) below `module` in FusedPair, two
+    at a time in order (the pair decides per input whether it runs as one call); returns how many pairs."""
+    count = 0
+    stacks = [m for m in module.modules() if _is_stack(m)]
+    for stack in stacks:
+        if any(stack in m._modules.values() for m in stacks):
+            continue  # nested in another stack: walked with it
+        layers = list(_sequential_layers(stack))
+        i = 0
+        while i + 1 < len(layers):
+            (pa, na, a), (pb, nb, b) = layers[i], layers[i + 1]
+            if isinstance(a, FusedPwDw) and isinstance(b, FusedPwDw) and a.prefix is None and b.prefix is None:
+                pa._modules[na], pb._modules[nb] = FusedPair(a, b), nn.Identity()
+                count += 1
+                i += 2
+            else:
+                i += 1
+    return count
 
 
 def _bn_ok(bn):
@@ -493,6 +559,7 @@ def optimize(model, channels_last=True, tune_malloc=True, verbose=False, freeze=
         fused = int(isinstance(model, FusedPwDw))
     else:
         fused = _rewrite(model)
+        pair_sequential_layers(model)
     if channels_last and not isinstance(_first_leaf(model), InputAffine):  # that one writes channels_last itself
         model.register_forward_pre_hook(_to_channels_last)
     tuned = tune_malloc and heap.tune_malloc()

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from bsconv_fast import ops
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedPointwise, FusedPwDw, ResidualUnit
+from bsconv_fast.optimize import FusedPointwise, FusedPwDw, _PairedLayers
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -128,7 +128,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
     def hook(name):
         def fn(module, args, out):
             x = args[0]
-            if isinstance(module, ResidualUnit):
+            if isinstance(module, _PairedLayers):
                 plan = module.pair_plan(x)
                 if plan is not None:  # one call for both layers, which count as they do run one by one
                     mid = x.new_empty(ops.out_shape(x, *plan[0][:5]), device="meta")
@@ -144,7 +144,7 @@ def profile(model, input_size=(1, 3, 224, 224), dtype=torch.float32, device="cpu
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, FUSED + (ResidualUnit,)) or len(module._modules) == 0:
+        if isinstance(module, FUSED + (_PairedLayers,)) or len(module._modules) == 0:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import bsconv_fast
 from bsconv_fast import _ext, reference
+from bsconv_fast.optimize import FusedPair
 from helpers import assert_close_to_reference, random_problem, ref64
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="C++ extension not built")
@@ -112,9 +113,9 @@ def _units(c, stride=1):
     return model
 
 
-def test_optimize_pairs_large_narrow_units_and_explain_says_so():
+def test_optimize_pairs_large_units_and_explain_says_so():
     model = _units(24)
-    x = torch.randn(1, 24, 29, 31)
+    x = torch.randn(1, 24, 120, 47)  # an intermediate of 24 x 120 x 47 floats: 529 KiB
     fast = bsconv_fast.optimize(model)
     rows = bsconv_fast.explain(fast, x)
     isa = _ext.cpu_kernel_isa()
@@ -129,11 +130,11 @@ def test_optimize_pairs_large_narrow_units_and_explain_says_so():
     assert_close_to_reference(out, want, 24 * 4 * 34, "two paired units")
 
 
-@pytest.mark.parametrize("c, h, why", [(24, 27, "fewer rows than PAIR_MIN_ROWS"),
-                                       (80, 32, "more channels than PAIR_MAX_CHANNELS")])
-def test_optimize_runs_other_units_layer_by_layer(c, h, why):
+@pytest.mark.parametrize("c, h, w, why", [(160, 27, 31, "fewer rows than PAIR_MIN_ROWS"),
+                                          (16, 60, 60, "an intermediate under PAIR_MIN_BYTES")])
+def test_optimize_runs_other_units_layer_by_layer(c, h, w, why):
     model = _units(c)
-    x = torch.randn(1, c, h, h)
+    x = torch.randn(1, c, h, w)
     fast = bsconv_fast.optimize(model)
     backends = [r["backend"] for r in bsconv_fast.explain(fast, x)]
     assert backends == [f"cpu-fused ({_ext.cpu_kernel_isa()})"] * 4, why
@@ -153,3 +154,36 @@ def test_paired_units_train_compile_and_take_gradients_through_the_layers():
     compiled = torch.compile(fast, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert_close_to_reference(compiled(x.detach()), model(want_x.detach()), 16 * 4 * 34, "compiled")
+
+
+def _stack_layer(cin, cout, stride):
+    """The MobileNetV1-BSConvU layer: Sequential(BSConvU, BN, ReLU), BN with random statistics."""
+    bn = nn.BatchNorm2d(cout)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(bsconv_fast.BSConvU(cin, cout, 3, stride=stride, padding=1), bn, nn.ReLU())
+
+
+def test_optimize_pairs_consecutive_layers_across_nested_stacks():
+    """Consecutive fused layers of nested nn.Sequentials (MobileNetV1's stages) pair up two at a time in
+    order; a pair with a large intermediate runs as one call, the rest layer by layer."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Sequential(_stack_layer(16, 32, 1)),
+                          nn.Sequential(_stack_layer(32, 48, 2), _stack_layer(48, 48, 1), _stack_layer(48, 24, 1)),
+                          ).eval()
+    fast = bsconv_fast.optimize(model)
+    pairs = [m for m in fast.modules() if isinstance(m, FusedPair)]
+    assert len(pairs) == 2
+    x = torch.randn(1, 16, 80, 70)  # the first pair's intermediate: 32 x 80 x 70 floats, 700 KiB
+    isa = _ext.cpu_kernel_isa()
+    backends = [r["backend"] for r in bsconv_fast.explain(fast, x)]
+    assert backends == [f"cpu-fused-pair ({isa})", f"cpu-fused ({isa})", f"cpu-fused ({isa})"], backends
+    frozen = bsconv_fast.freeze(fast)
+    with torch.inference_mode():
+        out = frozen(x)
+        frozen(x)
+        program = frozen.programs()[-1]
+    assert program.count("_C_pw_dw_pair_packed(") == 1 and program.count("_C_pw_dw_packed(") == 2, program
+    # profile() counts the paired layers as it counts them one by one
+    assert bsconv_fast.profile(fast, tuple(x.shape)).total_macs == bsconv_fast.profile(model, tuple(x.shape)).total_macs
+    assert_close_to_reference(out, model.double()(x.double()), 48 * 4 * 34, "stack")
