@@ -13,6 +13,8 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
     (InvertedResidual), ResNet units add their shortcut (x or its 1x1 projection) and apply the ReLU in
     the last fused layer's store, and run both fused layers as one op where that is faster
     (ResidualUnit), 1x1 heads and classifiers get their BN and act fused.
+  * Consecutive fused layers of nested nn.Sequential stacks (MobileNetV1's stages) pair up as FusedPair:
+    one pw_dw_pair_packed call where the intermediate is large, the two layers otherwise.
   * Remaining ConvBlocks (plain conv -> BN -> act, the stems): the BN folds into the conv's bias, the
     activation into the store (FusedConv) or runs in place; the ResNet stem's max pooling joins it.
   * The memory-bound layers around them run bsconv_fast CPU ops (bsconv_fast.glue): a BatchNorm on
