@@ -56,8 +56,8 @@ def helper():
     from torch.utils import cpp_extension
     try:
         return cpp_extension.load_inline("bsconv_fast_nested_helper", cpp_sources=_HELPER,
-                                         functions=["per_image_in_region", "pairs_per_image_in_region"], extra_cflags=["-O1", "-fopenmp"],
-                                         extra_ldflags=["-fopenmp"], verbose=False)
+                                         functions=["per_image_in_region", "pairs_per_image_in_region"],
+                                         extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler on this machine
         pytest.skip(f"cannot compile the helper: {exc}")
 
