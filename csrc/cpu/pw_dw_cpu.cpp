@@ -797,24 +797,38 @@ Operands<T> packed_operands(const Geometry& g, const at::Tensor& packed, const T
   return Operands<T>{x, pw, b1, dw, b1 + g.Cp, y, res};
 }
 
+// An op's output: a new channels_last tensor of `sizes` (NaN first under BSCONV_FAST_POISON) that
+// run(kernels, x, y, residual) fills, with pointers of x's dtype and the kernel family to use (x made
+// channels_last; residual checked against the output by residual_operand, or nullptr); returned in
+// the input's memory format.
+template <typename Run>
+at::Tensor kernel_output(const at::Tensor& x_in, at::IntArrayRef sizes, const c10::optional<at::Tensor>& residual,
+                         const char* op, const Run& run) {
+  auto y = at::empty(sizes, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor res = residual_operand(residual, y, op);
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (y.numel() > 0) {
+    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_cpu", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      const scalar_t* rp = data_or_null<scalar_t>(res);
+      with_kernels<scalar_t>([&](auto k) { run(k, xp, yp, rp); });
+    });
+  }
+  return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
 // Run the kernels on packed weights; the output keeps the input's memory format.
 at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& packed, const Geometry& g,
                       const c10::optional<at::Tensor>& residual = c10::nullopt) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "bsconv_fast::pw_dw (CPU): supports float32 and float64, got ", x_in.scalar_type());
-  const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const at::Tensor res = residual_operand(residual, y, "pw_dw_packed");
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (g.N > 0 && g.Cout > 0) {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_cpu", [&] {
-      const auto o = packed_operands<scalar_t>(g, packed, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                               data_or_null<scalar_t>(res));
-      with_kernels<scalar_t>([&](auto k) { run<scalar_t, decltype(k)>(g, o); });
-    });
-  }
-  return channels_last_in ? y : y.contiguous();
+  return kernel_output(x_in, {g.N, g.Cout, g.OH, g.OW}, residual, "pw_dw_packed",
+                       [&](auto k, const auto* xp, auto* yp, const auto* rp) {
+                         using T = std::remove_pointer_t<decltype(yp)>;
+                         run<T, decltype(k)>(g, packed_operands<T>(g, packed, xp, yp, rp));
+                       });
 }
 
 }  // namespace
@@ -888,21 +902,15 @@ at::Tensor pw_dw_pair_packed_cpu(const at::Tensor& x_in, const at::Tensor& packe
   TORCH_CHECK(!residual || (gb.Cout == ga.Cin && gb.OH == ga.H && gb.OW == ga.W), op,
               ": residual=True adds x to the output, which needs the output's shape (", gb.N, ", ", gb.Cout, ", ",
               gb.OH, ", ", gb.OW, ") to be x's ", x_in.sizes());
-  const bool channels_last_in = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  auto y = at::empty({gb.N, gb.Cout, gb.OH, gb.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (gb.N > 0 && gb.Cout > 0) {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_dw_pair_cpu", [&] {
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      Geometry first = ga;
-      first.stream_out = false;  // its rows go to a ring in the cache
-      const auto oa = packed_operands<scalar_t>(first, packed, xp, nullptr, nullptr);
-      const auto ob = packed_operands<scalar_t>(gb, packed2, nullptr, y.data_ptr<scalar_t>(), residual ? xp : nullptr);
-      with_kernels<scalar_t>([&](auto k) { run_pair<scalar_t, decltype(k)>(first, oa, gb, ob); });
-    });
-  }
-  return channels_last_in ? y : y.contiguous();
+  Geometry first = ga;
+  first.stream_out = false;  // its rows go to a ring in the cache
+  return kernel_output(x_in, {gb.N, gb.Cout, gb.OH, gb.OW}, c10::nullopt, "pw_dw_pair_packed",
+                       [&](auto k, const auto* xp, auto* yp, const auto*) {
+                         using T = std::remove_pointer_t<decltype(yp)>;
+                         const auto oa = packed_operands<T>(first, packed, xp, nullptr, nullptr);
+                         const auto ob = packed_operands<T>(gb, packed2, nullptr, yp, residual ? xp : nullptr);
+                         run_pair<T, decltype(k)>(first, oa, gb, ob);
+                       });
 }
 
 at::Tensor pack_pw_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -942,19 +950,12 @@ at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64
                   packed.numel() == packed_numel(g.Cin, g.Cp, 0),
               "bsconv_fast::pw_packed: packed must be the contiguous buffer bsconv_fast::pack_pw gives for ", g.Cin,
               " input and ", out_channels, " output channels, with the dtype of x");
-  auto y = at::empty({g.N, g.Cout, g.OH, g.OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const at::Tensor res = residual_operand(residual, y, "pw_packed");
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (y.numel() > 0) {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_pw_cpu", [&] {
-      const scalar_t* w = packed.data_ptr<scalar_t>();
-      const PwOperands<scalar_t> o{x.data_ptr<scalar_t>(), w, w + g.Cp * g.Cin, data_or_null<scalar_t>(res),
-                                   y.data_ptr<scalar_t>()};
-      with_kernels<scalar_t>([&](auto k) { run_pw<scalar_t, decltype(k)>(g, o); });
-    });
-  }
-  return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+  return kernel_output(x_in, {g.N, g.Cout, g.OH, g.OW}, residual, "pw_packed",
+                       [&](auto k, const auto* xp, auto* yp, const auto* rp) {
+                         using T = std::remove_pointer_t<decltype(yp)>;
+                         const T* w = packed.data_ptr<T>();
+                         run_pw<T, decltype(k)>(g, PwOperands<T>{xp, w, w + g.Cp * g.Cin, rp, yp});
+                       });
 }
 
 namespace {
@@ -985,35 +986,17 @@ ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_
   return g;
 }
 
-// Runs `run(x, w, b, y)` (pointers of the dispatched dtype and kernel family) into a channels_last
-// output of `sizes`; the result keeps the input's memory format.
-template <typename Run>
-at::Tensor conv_output(const at::Tensor& x_in, const at::Tensor& packed, at::IntArrayRef sizes, int64_t bias_offset,
-                       const Run& run) {
-  auto y = at::empty(sizes, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (y.numel() > 0) {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_conv_cpu", [&] {
-      const scalar_t* w = packed.data_ptr<scalar_t>();
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      with_kernels<scalar_t>([&](auto k) { run(k, xp, w, w + bias_offset, yp); });
-    });
-  }
-  return x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
-}
-
 }  // namespace
 
 at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
                            at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
   const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_packed");
-  return conv_output(x, packed, {g.N, g.Cout, g.OH, g.OW}, g.Cp * g.Cin * g.KH * g.KW,
-                     [&](auto k, const auto* xp, const auto* w, const auto* b, auto* yp) {
-                       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-                       run_conv<T, decltype(k)>(g, xp, w, b, yp);
-                     });
+  return kernel_output(x, {g.N, g.Cout, g.OH, g.OW}, c10::nullopt, "conv_packed",
+                       [&](auto k, const auto* xp, auto* yp, const auto*) {
+                         using T = std::remove_pointer_t<decltype(yp)>;
+                         const T* w = packed.data_ptr<T>();
+                         run_conv<T, decltype(k)>(g, xp, w, w + g.Cp * g.Cin * g.KH * g.KW, yp);
+                       });
 }
 
 at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
@@ -1034,11 +1017,12 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
   p.OW = (g.OW + 2 * p.pw - p.KW) / p.sw + 1;
   TORCH_CHECK(p.OH > 0 && p.OW > 0, "bsconv_fast::conv_pool_packed: the convolution's ", g.OH, "x", g.OW,
               " output is too small for pool_kernel ", pool_kernel);
-  return conv_output(x, packed, {g.N, g.Cout, p.OH, p.OW}, g.Cp * g.Cin * g.KH * g.KW,
-                     [&](auto k, const auto* xp, const auto* w, const auto* b, auto* yp) {
-                       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-                       run_conv_pool<T, decltype(k)>(g, p, xp, w, b, yp);
-                     });
+  return kernel_output(x, {g.N, g.Cout, p.OH, p.OW}, c10::nullopt, "conv_pool_packed",
+                       [&](auto k, const auto* xp, auto* yp, const auto*) {
+                         using T = std::remove_pointer_t<decltype(yp)>;
+                         const T* w = packed.data_ptr<T>();
+                         run_conv_pool<T, decltype(k)>(g, p, xp, w, w + g.Cp * g.Cin * g.KH * g.KW, yp);
+                       });
 }
 
 TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
