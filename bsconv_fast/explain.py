@@ -22,8 +22,8 @@ class Report(list):
 
 def explain(model, example_input):
     """Run `model(example_input)` once (no grad) and report, for every BSConv layer, the backend
-    that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason; two layers of a ResNet
-    unit that run as one call are one row, 'cpu-fused-pair (...)'. Layers that are
+    that runs it: 'cpu-fused (...)', 'gpu-fused', or 'reference' with the reason; two layers that run as
+    one call (a ResNet unit, a FusedPair of optimize()) are one row, 'cpu-fused-pair (...)'. Layers that are
     BSConv but not patched are listed as reference with reason 'not patched'.
 
     It runs on a copy of the model, so training-mode BatchNorm statistics stay untouched. A frozen

@@ -225,12 +225,14 @@ class _PairedLayers(nn.Module):
     so the intermediate never goes to memory (see pair_plan for where)."""
 
     # Where pairs pay (A/B in one process, frozen models, 2 threads, batch 1): intermediates of at least
-    # 512 KiB per image and 28 rows. resnet18_bsconvu stage 1 (64 channels at 56x56, 784 KiB): its two
+    # 512 KiB per image and 56 rows. resnet18_bsconvu stage 1 (64 channels at 56x56, 784 KiB): its two
     # units 755 vs 802 us, the model 1.008-1.022x faster (four runs), 1.024x on 1 thread, 1.040x at
-    # batch 8; mobilenetv1_w1_bsconvu 32->64 @112 with 64->128 s2 (3 MiB) 1.012x and 1.015x, 128->128
-    # @56 with 128->256 s2 (1.5 MiB) 1.023x and 1.023x. Smaller ones lose or gain nothing: resnet18's
-    # 128-channel unit at 28x28 (392 KiB) 591 vs 551 us; cifar_mobilenetv1's first pair (256 KiB) 0.998x.
-    # There the pair's row bands recompute the first layer's halo rows for little saved traffic.
+    # batch 8. mobilenetv1_w1_bsconvu, each pair alone: 32->64 @112 with 64->128 s2 (3 MiB) 1.012x and
+    # 1.015x, 128->128 @56 with 128->256 s2 (1.5 MiB) 1.023x and 1.023x; both: 1.006x, 1.011x, 0.999x,
+    # 1.011x, 1 thread 1.023x, batch 8 1.009x. At 28-32 rows the pair's row bands recompute the first
+    # layer's halo rows and one layer gives up its channel split: resnet18's 128-channel unit at 28x28
+    # 591 vs 551 us; mobilenetv1 with its 256-channel pair at 28x28 paired too 0.982x and 0.984x;
+    # cifar_mobilenetv1's 128-channel pair at 32x32 0.987x.
     PAIR_MIN_BYTES = 512 << 10
     PAIR_MIN_ROWS = 56
 
@@ -333,8 +335,7 @@ def _sequential_layers(module):
 
 def pair_sequential_layers(module):
     """Wrap consecutive FusedPwDw layers of nested stacks (nn.Sequential) below `module` in FusedPair, two
-    at a time in order (the pair decides per input whether it runs as one call); returns how many pairs."""
-    count = 0
+    at a time in order (the pair decides per input whether it runs as one call)."""
     stacks = [m for m in module.modules() if _is_stack(m)]
     for stack in stacks:
         if any(stack in m._modules.values() for m in stacks):
@@ -345,11 +346,9 @@ def pair_sequential_layers(module):
             (pa, na, a), (pb, nb, b) = layers[i], layers[i + 1]
             if isinstance(a, FusedPwDw) and isinstance(b, FusedPwDw) and a.prefix is None and b.prefix is None:
                 pa._modules[na], pb._modules[nb] = FusedPair(a, b), nn.Identity()
-                count += 1
                 i += 2
             else:
                 i += 1
-    return count
 
 
 def _bn_ok(bn):
