@@ -5,6 +5,7 @@
 //   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vmax_nan, vstore_first(n),
 //   vload_first(n), vsub, vround (to nearest), vscale2(p, n) = p * 2^n for integral n
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
+//   kMaxNV         channel vectors per GEMM micro-tile (kMR * kMaxNV accumulators)
 // Needs Geometry, Operands, Runs, valid_taps, ceil_div, the Act codes and kNR from the including file.
 //
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
@@ -108,41 +109,55 @@ struct OutStore {
   OutStore shifted(int64_t col) const { return {y + col, res == nullptr ? nullptr : res + col, ldc, ncols - col}; }
 };
 
-// MR pixels x NV vectors of output channels. b[v] points at the k = 0 row of the packed
-// weights of vector v (k stride kNR); bias[v] and column offset v * kLanes likewise. Pixel r's
-// K = runs.n * runs.len inputs are runs.n runs of runs.len values, run s at a + s * runs.stride + r * lda.
+// One column block of packed weights: NV vectors of kLanes output channels, vector v's k = 0 row at
+// b[v] (k stride kNR), its bias at bias[v], its columns at offset v * kLanes of the store.
+template <int NV>
+struct Panels {
+  const float* b[NV];
+  const float* bias[NV];
+};
+
+// MR pixels x NV vectors of output channels. Pixel r's K = runs.n * runs.len inputs are runs.n runs
+// of runs.len values, run s at a + s * runs.stride + r * lda.
 // PF: prefetch the next tile's pixels (one line every other k step: a tile of contiguous pixels
 // spans MR * K / 16 lines, at most K / 2 for MR = 8). LEN > 0: runs.len is LEN.
 template <int MR, int NV, bool PF, int LEN, typename Store>
-BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
-                                     const float* bias0, const float* bias1, const Store st) {
+BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<NV> w, const Runs runs,
+                                     const Store st) {
   const float* next = a + MR * lda;
   const int64_t len = LEN > 0 ? LEN : runs.len;
-  static_assert(MR <= 12 && NV >= 1 && NV <= 2, "micro-tile too large");
-  const VReg i0 = vload(bias0), i1 = NV > 1 ? vload(bias1) : i0;
-  VReg c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
-  VReg c40 = i0, c41 = i1, c50 = i0, c51 = i1, c60 = i0, c61 = i1, c70 = i0, c71 = i1;
-  VReg c80 = i0, c81 = i1, c90 = i0, c91 = i1, ca0 = i0, ca1 = i1, cb0 = i0, cb1 = i1;
-  for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += len * kNR, b1 += len * kNR) {
+  static_assert(MR <= 12 && NV >= 1 && NV <= 3 && MR * NV <= 24, "micro-tile too large");
+  const float* b0 = w.b[0];
+  const float* b1 = w.b[NV > 1 ? 1 : 0];
+  const float* b2 = w.b[NV > 2 ? 2 : 0];
+  const VReg i0 = vload(w.bias[0]), i1 = vload(w.bias[NV > 1 ? 1 : 0]), i2 = vload(w.bias[NV > 2 ? 2 : 0]);
+  VReg c00 = i0, c01 = i1, c02 = i2, c10 = i0, c11 = i1, c12 = i2, c20 = i0, c21 = i1, c22 = i2;
+  VReg c30 = i0, c31 = i1, c32 = i2, c40 = i0, c41 = i1, c42 = i2, c50 = i0, c51 = i1, c52 = i2;
+  VReg c60 = i0, c61 = i1, c62 = i2, c70 = i0, c71 = i1, c72 = i2, c80 = i0, c81 = i1, c82 = i2;
+  VReg c90 = i0, c91 = i1, c92 = i2, ca0 = i0, ca1 = i1, ca2 = i2, cb0 = i0, cb1 = i1, cb2 = i2;
+  for (int64_t s = 0; s < runs.n; ++s, a += runs.stride, b0 += len * kNR, b1 += len * kNR, b2 += len * kNR) {
     for (int64_t k = 0; k < len; ++k) {
       if constexpr (PF) __builtin_prefetch(next + (k >> 1) * 16, 0, 3);
       const VReg w0 = vload(b0 + k * kNR);
       const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
+      const VReg w2 = NV > 2 ? vload(b2 + k * kNR) : w0;
 #define BSCONV_ROW(r, R)                                     \
   if constexpr (MR > r) {                                    \
     const VReg av = vbcast(a + r * lda + k);                 \
     c##R##0 = vfma(av, w0, c##R##0);                         \
     if constexpr (NV > 1) c##R##1 = vfma(av, w1, c##R##1);   \
+    if constexpr (NV > 2) c##R##2 = vfma(av, w2, c##R##2);   \
   }
       BSCONV_ROW(0, 0) BSCONV_ROW(1, 1) BSCONV_ROW(2, 2) BSCONV_ROW(3, 3) BSCONV_ROW(4, 4) BSCONV_ROW(5, 5)
       BSCONV_ROW(6, 6) BSCONV_ROW(7, 7) BSCONV_ROW(8, 8) BSCONV_ROW(9, 9) BSCONV_ROW(10, a) BSCONV_ROW(11, b)
 #undef BSCONV_ROW
     }
   }
-#define BSCONV_STORE(r, R)                          \
-  if constexpr (MR > r) {                           \
-    st(r, 0, c##R##0);                              \
-    if constexpr (NV > 1) st(r, kLanes, c##R##1);   \
+#define BSCONV_STORE(r, R)                               \
+  if constexpr (MR > r) {                                \
+    st(r, 0, c##R##0);                                   \
+    if constexpr (NV > 1) st(r, kLanes, c##R##1);        \
+    if constexpr (NV > 2) st(r, 2 * kLanes, c##R##2);    \
   }
   BSCONV_STORE(0, 0) BSCONV_STORE(1, 1) BSCONV_STORE(2, 2) BSCONV_STORE(3, 3) BSCONV_STORE(4, 4)
   BSCONV_STORE(5, 5) BSCONV_STORE(6, 6) BSCONV_STORE(7, 7) BSCONV_STORE(8, 8) BSCONV_STORE(9, 9)
@@ -152,35 +167,32 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const float* b
 
 // gemm_micro as a call of its own where the Store asks for it.
 template <int MR, int NV, bool PF, int LEN, typename Store>
-BSCONV_TARGET __attribute__((noinline)) void gemm_micro_call(const float* a, int64_t lda, const float* b0,
-                                                           const float* b1, const Runs runs, const float* bias0,
-                                                           const float* bias1, const Store st) {
-  gemm_micro<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
+BSCONV_TARGET __attribute__((noinline)) void gemm_micro_call(const float* a, int64_t lda, const Panels<NV> w,
+                                                           const Runs runs, const Store st) {
+  gemm_micro<MR, NV, PF, LEN>(a, lda, w, runs, st);
 }
 
 template <int MR, int NV, bool PF, int LEN, typename Store>
-BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const float* b0, const float* b1, const Runs runs,
-                                    const float* bias0, const float* bias1, const Store st) {
+BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const Panels<NV> w, const Runs runs,
+                                    const Store st) {
   if constexpr (Store::kOutOfLine) {
-    gemm_micro_call<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
+    gemm_micro_call<MR, NV, PF, LEN>(a, lda, w, runs, st);
   } else {
-    gemm_micro<MR, NV, PF, LEN>(a, lda, b0, b1, runs, bias0, bias1, st);
+    gemm_micro<MR, NV, PF, LEN>(a, lda, w, runs, st);
   }
 }
 
-// All pixel tiles of one column block (NV vectors): npix pixels, pixel p at a + p * lda.
+// All pixel tiles of one column block: npix pixels, pixel p at a + p * lda.
 template <int NV, bool PF, int LEN, typename Store>
-BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* b0,
-                                       const float* b1, const float* bias0, const float* bias1, const Store st) {
+BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix,
+                                       const Panels<NV> w, const Store st) {
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) {
-    gemm_tile<kMR, NV, PF, LEN>(a + p * lda, lda, b0, b1, runs, bias0, bias1, st.at(p));
-  }
+  for (; p + kMR <= npix; p += kMR) gemm_tile<kMR, NV, PF, LEN>(a + p * lda, lda, w, runs, st.at(p));
   const float* ap = a + p * lda;
   const Store sp = st.at(p);
   switch (npix - p) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_tile<(r < kMR ? r : 1), NV, false, 0>(ap, lda, b0, b1, runs, bias0, bias1, sp); break;
+  case r: gemm_tile<(r < kMR ? r : 1), NV, false, 0>(ap, lda, w, runs, sp); break;
     BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
     BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
 #undef BSCONV_TAIL
@@ -189,30 +201,45 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
 }
 
 // Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, its inputs as `runs`
-// say), packed weights `w` and bias as pack_into lays them out, one column block of 2 vectors
-// (or 1) at a time.
+// say), packed weights `w` and bias as pack_into lays them out, in column blocks of kMaxNV vectors
+// while at least that many are left (four left go as 2 + 2), then 2, then 1.
 // LEN > 0: runs.len is LEN (a compile-time constant for the micro-kernel's inner loop).
 template <int LEN = 0, typename Store>
 BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
                                       const float* bias, int64_t c0, int64_t cg, const Store st) {
-  constexpr int64_t step = 2 * kLanes;  // channels per column block (one or two packed panels)
   const int64_t K = runs.n * runs.len;
-  const auto panel = [&](int64_t c) { return w + (c / kNR) * K * kNR + (c % kNR); };
+  const auto panels = [&](auto nv, int64_t c) {
+    Panels<decltype(nv)::value> p;
+    for (int v = 0; v < nv; ++v) {
+      const int64_t cv = c + v * kLanes;
+      p.b[v] = w + (cv / kNR) * K * kNR + (cv % kNR);
+      p.bias[v] = bias + cv;
+    }
+    return p;
+  };
   // The first column block meets the pixels cold (the previous layer's output, L3 or further): its
   // tiles prefetch the next tile's pixels. Later blocks find them in L1/L2, where the prefetches
   // would only cost issue slots. Measured in whole models (A/B in one process): mobilenetv1 3-4%,
   // cifar_mobilenetv1 3-4%, mobilenetv3 2% faster, resnet18 and mobilenetv2 unchanged.
-  int64_t c = c0;
-  if (c + step <= c0 + cg) {
-    gemm_columns<2, true, LEN>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes, st);
-    c += step;
-  }
-  for (; c + step <= c0 + cg; c += step) {
-    gemm_columns<2, false, LEN>(a, lda, runs, npix, panel(c), panel(c + kLanes), bias + c, bias + c + kLanes,
-                           st.shifted(c - c0));
-  }
-  for (; c < c0 + cg; c += kLanes) {  // a last single vector (AVX-512: an odd 16-channel panel)
-    gemm_columns<1, false, LEN>(a, lda, runs, npix, panel(c), panel(c), bias + c, bias + c, st.shifted(c - c0));
+  constexpr int kWide = kMaxNV > 2 ? 3 : 2;
+  for (int64_t c = c0; c < c0 + cg;) {
+    const int64_t left = (c0 + cg - c) / kLanes;
+    const bool first = c == c0;
+    const Store sc = st.shifted(c - c0);
+    if (left >= kWide && left != 4) {
+      const auto p = panels(std::integral_constant<int, kWide>{}, c);
+      first ? gemm_columns<kWide, true, LEN>(a, lda, runs, npix, p, sc)
+            : gemm_columns<kWide, false, LEN>(a, lda, runs, npix, p, sc);
+      c += kWide * kLanes;
+    } else if (left >= 2) {
+      const auto p = panels(std::integral_constant<int, 2>{}, c);
+      first ? gemm_columns<2, true, LEN>(a, lda, runs, npix, p, sc)
+            : gemm_columns<2, false, LEN>(a, lda, runs, npix, p, sc);
+      c += 2 * kLanes;
+    } else {  // a last single vector (AVX-512: an odd 16-channel panel)
+      gemm_columns<1, false, LEN>(a, lda, runs, npix, panels(std::integral_constant<int, 1>{}, c), sc);
+      c += kLanes;
+    }
   }
 }
 
