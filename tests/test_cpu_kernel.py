@@ -36,6 +36,7 @@ GRID = [
     (1, 5, 17, 5, 5, 3, 1, 4, 1, True),              # padding larger than the kernel reach
     (1, 24, 40, 45, 11, 3, 1, 1, 1, True),           # narrow input over many rows: row bands
     (1, 40, 24, 57, 9, 5, 2, 2, 1, False),           # the same with stride 2 and a 5x5 halo
+    (1, 80, 48, 57, 9, 3, 1, 1, 1, True),            # a wide input over many rows: row bands too
 ]
 
 

@@ -226,7 +226,7 @@ using VReg = __m512;
 constexpr int64_t kLanes = 16;
 constexpr int kMR = 8;  // measured: 8 beats 6, 10 and 12 (12 spills address registers)
 // 8 x 3 accumulators of 32 zmm registers: 24 FMAs per 3 weight loads and 8 broadcasts, where 8 x 2
-// did 16 per 2 + 8. Measured on a Xeon with two 512-bit FMA ports (A/B in one process, 2 threads):
+// did 16 per 2 + 8. Measured on an Intel Xeon with two 512-bit FMA ports (A/B in one process, 2 threads):
 // 1x1 GEMMs with K >= 512 5-7% faster, K = 128-256 1-3%; whole models 1.1-3.6% faster.
 constexpr int kMaxNV = 3;
 BSCONV_TARGET inline VReg vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -388,12 +388,17 @@ void run(const Geometry& g, const Operands<T>& o) {
   const int64_t panels = g.Cp / kNR;
   const int64_t threads = threads_for(layer_macs(g));
   // Images first, then channel slabs (no redundant work, but every slab streams the whole input),
-  // then row bands. A narrow input over many rows goes to bands before slabs: recomputing the
-  // few halo rows per band costs less than every thread streaming the full input, and the next
-  // layer reads rows its own core wrote. Measured in whole models (A/B in one process, 2 threads):
-  // MobileNetV2 5-20%, ResNet-18 9-10%, MobileNetV1 3-6% faster; wider inputs (Cin >= 128) at 28
-  // rows and below run slower in bands.
-  const bool bands_first = g.Cin <= 64 && g.OH >= 28;
+  // then row bands. An image of many rows goes to bands before slabs: recomputing the few halo rows
+  // per band costs less than every thread streaming the full input, half of it written by another
+  // core, and the next layer reads rows its own core wrote. Measured in whole models (A/B in one
+  // process, 2 threads): for a narrow input (Cin <= 64) at >= 28 rows, MobileNetV2 5-20%, ResNet-18
+  // 9-10%, MobileNetV1 3-6% faster (an AMD EPYC). Wider inputs need bands of >= 14 rows (halo
+  // rows <= 1/14 of the 1x1 work): on an Intel Xeon (AVX-512, 2 cores), where a line another core wrote costs a
+  // cross-core transfer, ResNet-18 3.2% (2.3-5.5%) and cifar MobileNetV1 2.6% faster, MobileNetV1,
+  // V2 and V3 unchanged (0.996-1.007); bands of 7 rows (14-row images) lost 1% on MobileNetV1. On the
+  // EPYC wide inputs at 28 rows had run slower in bands.
+  const int64_t band_rows = g.OH / ceil_div(threads, g.N);
+  const bool bands_first = g.OH >= 28 && (g.Cin <= 64 || band_rows >= 14);
   const int64_t want_groups = bands_first ? 1 : std::min(panels, ceil_div(threads, g.N));
   const int64_t panels_per_group = ceil_div(panels, want_groups);
   const int64_t groups = ceil_div(panels, panels_per_group);
