@@ -182,21 +182,34 @@ BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const Panels<NV
   }
 }
 
-// All pixel tiles of one column block: npix pixels, pixel p at a + p * lda.
+// All pixel tiles of one column block: npix pixels, pixel p at a + p * lda. The tiles are as even as
+// possible (49 pixels: 7 x 7, not 6 x 8 + 1): a tile of a few pixels loads the whole column block of
+// weights for a few FMAs per load, and with K in the hundreds those loads come from L2. Measured
+// (A/B in one process, 2 threads): 512->512 @7 1x1 3.2%, fused 2.2% faster; models 0.3-0.4%.
 template <int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix,
                                        const Panels<NV> w, const Store st) {
+  const int64_t tiles = ceil_div(npix, kMR);
+  const int64_t base = tiles > 0 ? npix / tiles : 0, plus_one = tiles > 0 ? npix % tiles : 0;  // the first plus_one tiles: base + 1
   int64_t p = 0;
-  for (; p + kMR <= npix; p += kMR) gemm_tile<kMR, NV, PF, LEN>(a + p * lda, lda, w, runs, st.at(p));
-  const float* ap = a + p * lda;
-  const Store sp = st.at(p);
-  switch (npix - p) {
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t mr = base + (t < plus_one);
+    const float* ap = a + p * lda;
+    const Store sp = st.at(p);
+    if (mr == kMR) {
+      gemm_tile<kMR, NV, PF, LEN>(ap, lda, w, runs, sp);
+    } else if (mr == kMR - 1) {
+      gemm_tile<kMR - 1, NV, PF, LEN>(ap, lda, w, runs, sp);
+    } else {
+      switch (mr) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_tile<(r < kMR ? r : 1), NV, false, 0>(ap, lda, w, runs, sp); break;
-    BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
-    BSCONV_TAIL(7) BSCONV_TAIL(8) BSCONV_TAIL(9) BSCONV_TAIL(10) BSCONV_TAIL(11)
+  case r: gemm_tile<(r < kMR - 1 ? r : 1), NV, false, 0>(ap, lda, w, runs, sp); break;
+        BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
 #undef BSCONV_TAIL
-    default: break;
+        default: break;
+      }
+    }
+    p += mr;
   }
 }
 
