@@ -190,7 +190,8 @@ template <int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix,
                                        const Panels<NV> w, const Store st) {
   const int64_t tiles = ceil_div(npix, kMR);
-  const int64_t base = tiles > 0 ? npix / tiles : 0, plus_one = tiles > 0 ? npix % tiles : 0;  // the first plus_one tiles: base + 1
+  // tiles of base pixels, the first plus_one of them one more
+  const int64_t base = tiles > 0 ? npix / tiles : 0, plus_one = tiles > 0 ? npix % tiles : 0;
   int64_t p = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t mr = base + (t < plus_one);
