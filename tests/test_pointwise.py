@@ -14,7 +14,8 @@ from helpers import assert_close_to_reference
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
 
 # (n, cin, cout, h, w, stride): odd channel counts (not multiples of 16), strides 1-3 and mixed,
-# few pixels (channel split: heads, classifiers) and many pixels (pixel split), batch 0.
+# few pixels (channel split: heads, classifiers) and many pixels (pixel split), batch 0, and
+# 64-channel outputs (the kernel's 4-vector column block).
 GRID = [
     (1, 3, 5, 7, 13, 1),
     (3, 17, 33, 13, 7, 2),
@@ -25,6 +26,8 @@ GRID = [
     (1, 64, 19, 31, 29, 1),
     (2, 24, 72, 17, 19, 2),
     (0, 5, 7, 4, 4, 1),
+    (1, 33, 64, 9, 13, 1),   # 64 channels: one 6-pixel x 64-channel block (AVX-512)
+    (2, 20, 61, 5, 7, 1),    # the same block with a channel tail
 ]
 
 

@@ -173,8 +173,8 @@ struct ScalarKernels {
 // ---------------------------------------------------------------- SIMD kernels
 // One kernel source (simd_kernels.h), compiled for AVX2/FMA (8 lanes, 6-pixel x 16-channel tiles:
 // 12 of the 16 ymm registers accumulate) and for AVX-512 (16 lanes, 8-pixel x 48-channel tiles: 24
-// of the 32 zmm registers accumulate; a layer's last column blocks may be 32 or 16 channels),
-// picked at run time.
+// of the 32 zmm registers accumulate; a layer's last column blocks may be 32 or 16 channels, or in
+// the 1x1 op and the stem convolutions one 6-pixel x 64-channel block), picked at run time.
 namespace avx2 {
 #define BSCONV_TARGET __attribute__((target("avx2,fma")))
 using VReg = __m256;
