@@ -416,59 +416,48 @@ struct Kernels {
     store_act<ACT>(r.y + off, v, n, r.stream);
   }
 
-  // kPx output pixels from ow on, channels [c, c + kLanes) (n of them stored), the taps' weights in w.
-  template <int KH, int KW, int SW, int64_t ACT, int kPx>
-  BSCONV_TARGET __attribute__((always_inline)) static void dw_pixels(const DwRow& r, int64_t ow, int64_t c, int64_t n,
-                                                                    const VReg* w, VReg bias) {
-    constexpr int kIn = (kPx - 1) * SW + KW;  // input vectors per kernel row and step
-    VReg a[kPx];
-    for (int j = 0; j < kPx; ++j) a[j] = bias;
-    for (int kh = 0; kh < KH; ++kh) {
-      if (r.src[kh] == nullptr) continue;
-      const float* p = r.src[kh] + ow * SW * r.cg + c;
-      VReg v[kIn];
-      for (int i = 0; i < kIn; ++i) {
-        v[i] = vload(p + i * r.cg);
-        if constexpr (kPx == 8) __asm__("" : "+v"(v[i]));
-      }
-      for (int kw = 0; kw < KW; ++kw) {
-        for (int j = 0; j < kPx; ++j) a[j] = vfma(v[j * SW + kw], w[kh * KW + kw], a[j]);
-      }
-    }
-    for (int j = 0; j < kPx; ++j) dw_store<ACT>(r, (ow + j) * r.Cout + c, a[j], n);
-  }
-
-  // One row's interior: kPx output pixels per step (independent FMA chains), each input vector loaded
-  // once per kernel row for every tap that reads it. Stride 1 steps 8 pixels and pins the loaded
-  // vectors in registers: GCC otherwise folds them back into the FMAs as memory operands, one load
-  // per tap (measured on the 3x3 stage of 32->64 @112: 1.5 -> 1.1 cycles per FMA).
-  // Steps go over the pixels, all channel vectors of a step in turn (the taps' weights reloaded per
-  // vector, from L1), so that the row is read as one stream of whole pixels instead of once per
-  // channel vector at the pixel stride. Measured (A/B in one process, 2 threads): stride-2 layers
-  // 64->128 @112 5.7% and 16->96 @112 11% faster, 512->512 @7 2.5%, stride 1 at 56 rows unchanged;
-  // MobileNetV1 2.0%, ResNet-18 0.9% faster, MobileNetV2/V3 and cifar MobileNetV1 unchanged.
+  // Per channel vector: the taps' weights stay in registers while the row's pixels stream by,
+  // kPx output pixels per step (independent FMA chains), and each input vector is loaded once per
+  // kernel row for every tap that reads it. Stride 1 steps 8 pixels and pins the loaded vectors
+  // in registers: GCC otherwise folds them back into the FMAs as memory operands, one load per
+  // tap (measured on the 3x3 stage of 32->64 @112: 1.5 -> 1.1 cycles per FMA).
   template <int KH, int KW, int SW, int64_t ACT>
   BSCONV_TARGET static void dw_interior(const DwRow& r) {
     constexpr int kPx = SW == 1 && KW <= 3 ? 8 : 4;
-    const int64_t npix = r.npix, steps = npix / kPx * kPx;
-    const auto channels = [&](auto&& f) BSCONV_TARGET {  // f(c, valid channels, taps' weights, bias)
-      for (int64_t c = 0; c < r.cvalid; c += kLanes) {
-        VReg w[KH * KW];
-        for (int t = 0; t < KH * KW; ++t) w[t] = vload(r.w + t * r.Cp + c);
-        f(c, std::min<int64_t>(kLanes, r.cvalid - c), w, vload(r.bias + c));
+    constexpr int kIn = (kPx - 1) * SW + KW;  // input vectors per kernel row and step
+    const int64_t cg = r.cg, Cout = r.Cout, npix = r.npix;
+    for (int64_t c = 0; c < r.cvalid; c += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, r.cvalid - c);
+      VReg w[KH * KW];
+      for (int t = 0; t < KH * KW; ++t) w[t] = vload(r.w + t * r.Cp + c);
+      const VReg bias = vload(r.bias + c);
+      int64_t ow = 0;
+      for (; ow + kPx <= npix; ow += kPx) {
+        VReg a[kPx];
+        for (int j = 0; j < kPx; ++j) a[j] = bias;
+        for (int kh = 0; kh < KH; ++kh) {
+          if (r.src[kh] == nullptr) continue;
+          const float* p = r.src[kh] + ow * SW * cg + c;
+          VReg v[kIn];
+          for (int i = 0; i < kIn; ++i) {
+            v[i] = vload(p + i * cg);
+            if constexpr (kPx == 8) __asm__("" : "+v"(v[i]));
+          }
+          for (int kw = 0; kw < KW; ++kw) {
+            for (int j = 0; j < kPx; ++j) a[j] = vfma(v[j * SW + kw], w[kh * KW + kw], a[j]);
+          }
+        }
+        for (int j = 0; j < kPx; ++j) dw_store<ACT>(r, (ow + j) * Cout + c, a[j], n);
       }
-    };
-    for (int64_t ow = 0; ow < steps; ow += kPx) {
-      channels([&](int64_t c, int64_t n, const VReg* w, VReg bias) BSCONV_TARGET {
-        dw_pixels<KH, KW, SW, ACT, kPx>(r, ow, c, n, w, bias);
-      });
+      for (; ow < npix; ++ow) {
+        VReg a = bias;
+        for (int kh = 0; kh < KH; ++kh) {
+          if (r.src[kh] == nullptr) continue;
+          const float* p = r.src[kh] + ow * SW * cg + c;
+          for (int kw = 0; kw < KW; ++kw) a = vfma(vload(p + kw * cg), w[kh * KW + kw], a);
+        }
+        dw_store<ACT>(r, ow * Cout + c, a, n);
+      }
     }
-    // the last pixels one at a time (out-of-order execution overlaps their chains: a 4-pixel step
-    // first measured no faster)
-    channels([&](int64_t c, int64_t n, const VReg* w, VReg bias) BSCONV_TARGET {
-      for (int64_t ow = steps; ow < npix; ++ow) dw_pixels<KH, KW, SW, ACT, 1>(r, ow, c, n, w, bias);
-    });
   }
-
-
 };
