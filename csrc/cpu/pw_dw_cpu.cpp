@@ -27,6 +27,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "pw_dw_cpu.h"
@@ -226,8 +227,8 @@ using VReg = __m512;
 constexpr int64_t kLanes = 16;
 constexpr int kMR = 8;  // measured: 8 beats 6, 10 and 12 (12 spills address registers)
 // 8 x 3 accumulators of 32 zmm registers: 24 FMAs per 3 weight loads and 8 broadcasts, where 8 x 2
-// did 16 per 2 + 8. Measured on an Intel Xeon with two 512-bit FMA ports (A/B in one process, 2 threads):
-// 1x1 GEMMs with K >= 512 5-7% faster, K = 128-256 1-3%; whole models 1.1-3.6% faster.
+// did 16 per 2 + 8. Measured on an Intel Xeon with two 512-bit FMA ports (A/B in one process, 2
+// threads): 1x1 GEMMs with K >= 512 5-7% faster, K = 128-256 1-3%; whole models 1.1-3.6% faster.
 constexpr int kMaxNV = 3;
 BSCONV_TARGET inline VReg vload(const float* p) { return _mm512_loadu_ps(p); }
 BSCONV_TARGET inline void vstore(float* p, VReg v) { _mm512_storeu_ps(p, v); }
@@ -393,10 +394,10 @@ void run(const Geometry& g, const Operands<T>& o) {
   // core, and the next layer reads rows its own core wrote. Measured in whole models (A/B in one
   // process, 2 threads): for a narrow input (Cin <= 64) at >= 28 rows, MobileNetV2 5-20%, ResNet-18
   // 9-10%, MobileNetV1 3-6% faster (an AMD EPYC). Wider inputs need bands of >= 14 rows (halo
-  // rows <= 1/14 of the 1x1 work): on an Intel Xeon (AVX-512, 2 cores), where a line another core wrote costs a
-  // cross-core transfer, ResNet-18 3.2% (2.3-5.5%) and cifar MobileNetV1 2.6% faster, MobileNetV1,
-  // V2 and V3 unchanged (0.996-1.007); bands of 7 rows (14-row images) lost 1% on MobileNetV1. On the
-  // EPYC wide inputs at 28 rows had run slower in bands.
+  // rows <= 1/14 of the 1x1 work): on an Intel Xeon (AVX-512, 2 cores), where a line another core
+  // wrote costs a cross-core transfer, ResNet-18 3.2% (2.3-5.5%) and cifar MobileNetV1 2.6% faster,
+  // MobileNetV1, V2 and V3 unchanged (0.996-1.007); bands of 7 rows (14-row images) lost 1% on
+  // MobileNetV1. On the EPYC wide inputs at 28 rows had run slower in bands.
   const int64_t band_rows = g.OH / ceil_div(threads, g.N);
   const bool bands_first = g.OH >= 28 && (g.Cin <= 64 || band_rows >= 14);
   const int64_t want_groups = bands_first ? 1 : std::min(panels, ceil_div(threads, g.N));
@@ -997,6 +998,13 @@ ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_
   return g;
 }
 
+// The stem's weights and bias in its packed buffer (pack_pw's layout: the weights, then the bias).
+template <typename T>
+std::pair<const T*, const T*> conv_weights(const ConvGeometry& g, const at::Tensor& packed) {
+  const T* w = packed.data_ptr<T>();
+  return {w, w + g.Cp * g.Cin * g.KH * g.KW};
+}
+
 }  // namespace
 
 at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
@@ -1005,8 +1013,8 @@ at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_
   return kernel_output(x, {g.N, g.Cout, g.OH, g.OW}, c10::nullopt, "conv_packed",
                        [&](auto k, const auto* xp, auto* yp, const auto*) {
                          using T = std::remove_pointer_t<decltype(yp)>;
-                         const T* w = packed.data_ptr<T>();
-                         run_conv<T, decltype(k)>(g, xp, w, w + g.Cp * g.Cin * g.KH * g.KW, yp);
+                         const auto [w, b] = conv_weights<T>(g, packed);
+                         run_conv<T, decltype(k)>(g, xp, w, b, yp);
                        });
 }
 
@@ -1031,8 +1039,8 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
   return kernel_output(x, {g.N, g.Cout, p.OH, p.OW}, c10::nullopt, "conv_pool_packed",
                        [&](auto k, const auto* xp, auto* yp, const auto*) {
                          using T = std::remove_pointer_t<decltype(yp)>;
-                         const T* w = packed.data_ptr<T>();
-                         run_conv_pool<T, decltype(k)>(g, p, xp, w, w + g.Cp * g.Cin * g.KH * g.KW, yp);
+                         const auto [w, b] = conv_weights<T>(g, packed);
+                         run_conv_pool<T, decltype(k)>(g, p, xp, w, b, yp);
                        });
 }
 
