@@ -177,7 +177,7 @@ struct ScalarKernels {
 // of the 32 zmm registers accumulate; a layer's last column blocks may be 32 or 16 channels, or in
 // the 1x1 op and the stem convolutions one 6-pixel x 64-channel block), picked at run time.
 namespace avx2 {
-#define BSCONV_TARGET __attribute__((target("avx2,fma")))
+#define BSCONV_TARGET __attribute__((target("avx2,fma,prfchw")))
 using VReg = __m256;
 constexpr int64_t kLanes = 8;
 constexpr int kMR = 6;
@@ -222,7 +222,7 @@ BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) { return _mm256
 }  // namespace avx2
 
 namespace avx512 {
-#define BSCONV_TARGET __attribute__((target("avx512f,avx2,fma")))
+#define BSCONV_TARGET __attribute__((target("avx512f,avx2,fma,prfchw")))
 using VReg = __m512;
 constexpr int64_t kLanes = 16;
 constexpr int kMR = 8;  // measured: 8 beats 6, 10 and 12 (12 spills address registers)

@@ -379,8 +379,9 @@ struct Kernels {
     dw_row_generic(g, o, rows, n, oh, c0, cg, 0, lo);
     dw_row_generic(g, o, rows, n, oh, c0, cg, hi, g.OW);
     const int64_t first = ((n * g.OH + oh) * g.OW + lo) * g.Cout + c0;  // output offset of the first interior pixel
+    const int64_t next_row = oh + 1 < g.OH ? g.OW * g.Cout : 0;
     DwRow r{{}, o.dw + c0, o.b2 + c0, o.y + first, o.res == nullptr ? nullptr : o.res + first,
-            g.Cp, g.Cout, cg, std::min(cg, g.Cout - c0), hi - lo, g.stream_out};
+            g.Cp, g.Cout, cg, std::min(cg, g.Cout - c0), hi - lo, next_row, g.stream_out};
     for (int kh = 0; kh < KH; ++kh) r.src[kh] = rows[kh] == nullptr ? nullptr : rows[kh] + (lo * g.sw - g.pw) * cg;
     const bool s1 = g.sw == 1;
     switch (g.out_act) {
@@ -403,6 +404,7 @@ struct Kernels {
     float* y;                      // output of the first interior pixel, channel c0; pixel stride Cout
     const float* res;              // the residual, laid out like y, or nullptr
     int64_t Cp, Cout, cg, cvalid, npix;
+    int64_t next_row;              // y's offset to the same pixels one row down; 0: this is the last row
     bool stream;
   };
 
@@ -410,6 +412,24 @@ struct Kernels {
   BSCONV_TARGET __attribute__((always_inline)) static void dw_store(const DwRow& r, int64_t off, VReg v, int64_t n) {
     if (r.res != nullptr) v = vadd(v, vload_first(r.res + off, n));
     store_act<ACT>(r.y + off, v, n, r.stream);
+  }
+
+  // The output (and residual) lines of pixels [ow, ow + kPx), channel c, that a later pass will store:
+  // the line one 64-byte step on (the next channel vectors), or from the last pass the next row's
+  // first. The output is written once and, past a layer's first rows, is not in this core's
+  // cache: without the prefetch every store waits for its line (read for ownership). Measured on
+  // an Intel Xeon (AVX-512, 2 cores; both variants built into one library, alternated in one
+  // process): batch 8 layers 3-17% faster (64->64 @56 17%, 64->128 @112 s2 14%, 512->512 @14 3%),
+  // whole models at batch 1 1-5% (2 threads) and 1.6-5% (1 thread).
+  BSCONV_TARGET __attribute__((always_inline)) static void prefetch_out(const DwRow& r, int64_t ow, int64_t c,
+                                                                        int kPx) {
+    const int64_t off = ow * r.Cout + c;
+    const int64_t ahead = c + 16 < r.cvalid ? 16 : (r.next_row != 0 ? r.next_row - c : -1);
+    if (ahead < 0 || r.stream) return;  // streaming stores bypass the cache: a prefetch would only add a read
+    for (int j = 0; j < kPx; ++j) {
+      __builtin_prefetch(r.y + off + j * r.Cout + ahead, 1, 3);
+      if (r.res != nullptr) __builtin_prefetch(r.res + off + j * r.Cout + ahead, 0, 3);
+    }
   }
 
   // Per channel vector: the taps' weights stay in registers while the row's pixels stream by,
@@ -444,6 +464,7 @@ struct Kernels {
           }
         }
         for (int j = 0; j < kPx; ++j) dw_store<ACT>(r, (ow + j) * Cout + c, a[j], n);
+        prefetch_out(r, ow, c, kPx);
       }
       for (; ow < npix; ++ow) {
         VReg a = bias;
