@@ -176,8 +176,10 @@ struct ScalarKernels {
 // 12 of the 16 ymm registers accumulate) and for AVX-512 (16 lanes, 8-pixel x 48-channel tiles: 24
 // of the 32 zmm registers accumulate; a layer's last column blocks may be 32 or 16 channels, or in
 // the 1x1 op and the stem convolutions one 6-pixel x 64-channel block), picked at run time.
-// Both families enable prfchw for the depthwise stage's prefetchw (Kernels::prefetch_out): AMD CPUs
-// have it since the K6, Intel since Broadwell; on earlier Intel CPUs the opcode (0F 0D /1) runs as a NOP.
+// Both families enable prfchw for the depthwise stage's prefetchw (Kernels::prefetch_out). AMD CPUs have
+// it since the K6-2, Intel's CPUID reports it since Broadwell; Haswell, the first AVX2 Intel CPU, is
+// known to run the opcode (0F 0D /1) as a NOP (Windows 8.1 x64 requires PrefetchW and runs there), not
+// checked on such a machine here.
 namespace avx2 {
 #define BSCONV_TARGET __attribute__((target("avx2,fma,prfchw")))
 using VReg = __m256;
