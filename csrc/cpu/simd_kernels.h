@@ -462,15 +462,18 @@ struct Kernels {
 
   // Per channel vector: the taps' weights stay in registers while the row's pixels stream by,
   // kPx output pixels per step (independent FMA chains), and each input vector is loaded once per
-  // kernel row for every tap that reads it. A step is 8 pixels at stride 1, 6 (3x3) or 4 (5x5) at
-  // stride 2. 3-wide kernels pin the loaded vectors in registers: GCC otherwise folds them back into
+  // kernel row for every tap that reads it. A step is 6 pixels (3x3) or 8 (5x5 at stride 1, 4 at
+  // stride 2). 3-wide kernels pin the loaded vectors in registers: GCC otherwise folds them back into
   // the FMAs as memory operands, one load per tap (measured on the 3x3 stage of 32->64 @112: 1.5 ->
-  // 1.1 cycles per FMA); 5x5 has too few registers for that. The store is chosen once per channel
+  // 1.1 cycles per FMA; without the pin 9% slower again here); 5x5 has too few registers for that.
+  // 3x3 at stride 1 stepped 8 pixels before: 6 leaves registers for the pinned inputs (depthwise
+  // rows alone, AVX-512 0.90-0.93x the time, AVX2 0.81-0.86x; 4 pixels: AVX2 1.04-1.10x that of 6;
+  // the fused 64->64 @56 on AVX2 0.94x, on AVX-512 0.99x). The store is chosen once per channel
   // vector (dw_put), not per pixel: the residual, streaming and partial-vector checks had cost about
   // ten instructions and three branches per stored vector. Measured on the depthwise rows alone (ring
   // in cache, 1 thread, both variants in one binary, AVX-512): 64 channels @56 3x3 stride 1 17%
-  // faster; stride 2 with 6 pixels a step (was 4) another 17%; 5x5 stride 1 with 8 (was 4) 120
-  // channels @28 7%, 480 @14 4% (at stride 2, 6 pixels ran 4-6% slower than 4).
+  // faster (8 pixels a step then); stride 2 with 6 pixels a step (was 4) another 17%; 5x5 stride 1
+  // with 8 (was 4) 120 channels @28 7%, 480 @14 4% (at stride 2, 6 pixels ran 4-6% slower than 4).
   template <int KH, int KW, int SW, int64_t ACT>
   BSCONV_TARGET static void dw_interior(const DwRow& r) {
     for (int64_t c = 0; c < r.cvalid; c += kLanes) {
@@ -487,7 +490,7 @@ struct Kernels {
 
   template <int KH, int KW, int SW, int64_t ACT, int kStore>
   BSCONV_TARGET __attribute__((always_inline)) static void dw_channel(const DwRow& r, int64_t c, int64_t n) {
-    constexpr int kPx = SW == 1 ? 8 : (KW <= 3 ? 6 : 4);
+    constexpr int kPx = KW <= 3 ? 6 : (SW == 1 ? 8 : 4);
     constexpr int kIn = (kPx - 1) * SW + KW;  // input vectors per kernel row and step
     const int64_t cg = r.cg, Cout = r.Cout, npix = r.npix;
     float* const y = r.y;
