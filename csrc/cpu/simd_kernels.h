@@ -430,8 +430,9 @@ struct Kernels {
 
   // The output (and residual) lines of pixels [ow, ow + kPx), channel c, that a later pass will store:
   // the line one 64-byte step on (the next pass on AVX-512, the one after next on AVX2), or from the
-  // last pass the next row's first. The output is written once and, past a layer's first rows, is not in this core's
-  // cache: without the prefetch every store waits for its line (read for ownership). Measured on
+  // last pass the next row's first. The output is written once and, past a layer's first rows, is
+  // not in this core's cache: without the prefetch every store waits for its line (read for
+  // ownership). Measured on
   // an Intel Xeon (AVX-512, 2 cores; both variants built into one library, alternated in one
   // process): batch 8 layers 3-17% faster (64->64 @56 17%, 64->128 @112 s2 14%, 512->512 @14 3%),
   // whole models at batch 1 1-5% (2 threads) and 1.6-5% (1 thread).
@@ -448,7 +449,8 @@ struct Kernels {
   }
 
   // The store of one output vector: kStore 0 = any (residual, streaming, a partial vector: checked per
-  // store), 1 = a whole vector, no residual, 2 = a whole vector plus the residual.
+  // store), 1 = a whole vector, no residual, 2 = a whole vector plus the residual. y and res are r's,
+  // held in locals by the caller: a float store could otherwise force them to be reloaded (see DwRow).
   template <int64_t ACT, int kStore>
   BSCONV_TARGET __attribute__((always_inline)) static void dw_put(const DwRow& r, float* y, const float* res,
                                                                  int64_t off, VReg v, int64_t n) {
@@ -456,7 +458,7 @@ struct Kernels {
       dw_store<ACT>(r, off, v, n);
     } else {
       if constexpr (kStore == 2) v = vadd(v, vload(res + off));
-      vstore(y + off, vact<ACT>(v));
+      store_act<ACT>(y + off, v, kLanes);
     }
   }
 
