@@ -116,8 +116,10 @@ struct OutStore {
   OutStore shifted(int64_t col) const { return {y + col, res == nullptr ? nullptr : res + col, ldc, ncols - col}; }
 };
 
-// K from which a 1x1 GEMM's column blocks prefetch the next block's weights (gemm_columns_pf): below
-// it a layer's weights are small enough to stay in L2 between calls.
+// K from which a 1x1 GEMM's column blocks prefetch the next block's weights (gemm_columns_pf): a block
+// of 48 channels then holds 48 KB of weights or more. Smaller K was not measured with the prefetch
+// on its own path (64->64 and 128->128 layers, whose weights stay in cache between calls, lost 2-9%
+// to a first form that tested every k step).
 constexpr int64_t kPrefetchK = 256;
 
 // One column block of packed weights: NV vectors of kLanes output channels, vector v's k = 0 row at
@@ -243,7 +245,9 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
 // in L2 from one inference to the next. Measured (standalone replica, A/B in one binary, the weights
 // cold: 24 copies rotated): 1x1 512->512 @14 0.93-0.94x the time (1 and 2 threads), fused 512->512 @7
 // 0.94-0.95x, 1024->1024 @7 0.92-0.93x; with hot weights 0.98-1.05x. The AVX2 build (blocks of one
-// 16-channel panel, half the FMAs per k step, so L3 keeps up) measured 1.00-1.04x: not used there.
+// 16-channel panel, half the FMAs per k step) measured 1.00-1.04x on the same Xeon: not used there
+// (not measured on an AVX2-only CPU). The tile split and dispatch repeat gemm_columns' on purpose:
+// folding them into gemm_columns with a per-tile test slowed 64->64 @56, which never prefetches, 4-9%.
 template <int NV, bool PF, typename Store>
 BSCONV_TARGET inline void gemm_columns_pf(const float* a, int64_t lda, const Runs runs, int64_t npix,
                                           const Panels<NV> w, const Store st, const float* next, int64_t panels) {
