@@ -281,7 +281,10 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
   // The first column block meets the pixels cold (the previous layer's output, L3 or further): its
   // tiles prefetch the next tile's pixels. Later blocks find them in L1/L2, where the prefetches
   // would only cost issue slots. Measured in whole models (A/B in one process): mobilenetv1 3-4%,
-  // cifar_mobilenetv1 3-4%, mobilenetv3 2% faster, resnet18 and mobilenetv2 unchanged.
+  // cifar_mobilenetv1 3-4%, mobilenetv3 2% faster, resnet18 and mobilenetv2 unchanged. Plain rows
+  // only (runs.n == 1): a stem's patches overlap, its few input rows stay in L1 for every tile, and
+  // the prefetch's address arithmetic took a spilled register reload per k step; without it the 7x7
+  // stem with its pooling ran 0.96-0.97x the time (standalone A/B in one binary, 1 and 2 threads).
   int64_t c = c0;
   const auto block = [&](auto nv) BSCONV_TARGET {  // the column block of nv vectors from channel c
     constexpr int NV = decltype(nv)::value;
@@ -306,7 +309,7 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
         return;
       }
     }
-    if (NV > 1 && c == c0) {
+    if (NV > 1 && c == c0 && runs.n == 1) {
       gemm_columns<NV, (NV > 1), LEN>(a, lda, runs, npix, p, sc);
     } else {
       gemm_columns<NV, false, LEN>(a, lda, runs, npix, p, sc);
