@@ -77,16 +77,19 @@ if _ext.available():
     def _pw_packed_fake(x, packed, out_channels, stride, act, residual):
         return empty_output(x, out_shape(x, out_channels, (1, 1), stride, (0, 0), (1, 1)))
 
+    # The stems write channels_last whatever x's layout (they read an NCHW image as it is).
     @torch.library.register_fake("bsconv_fast::conv_packed")
-    def _conv_packed_fake(x, packed, out_channels, kernel, stride, padding, act):
-        return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, (1, 1)))
+    def _conv_packed_fake(x, packed, out_channels, kernel, stride, padding, act, in_scale=None, in_shift=None):
+        shape = out_shape(x, out_channels, kernel, stride, padding, (1, 1))
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("bsconv_fast::conv_pool_packed")
     def _conv_pool_packed_fake(x, packed, out_channels, kernel, stride, padding, act, pool_kernel, pool_stride,
-                               pool_padding):
+                               pool_padding, in_scale=None, in_shift=None):
         n, _, h, w = out_shape(x, out_channels, kernel, stride, padding, (1, 1))
-        return empty_output(x, (n, out_channels, conv_out_size(h, pool_kernel[0], pool_stride[0], pool_padding[0], 1),
-                                conv_out_size(w, pool_kernel[1], pool_stride[1], pool_padding[1], 1)))
+        shape = (n, out_channels, conv_out_size(h, pool_kernel[0], pool_stride[0], pool_padding[0], 1),
+                 conv_out_size(w, pool_kernel[1], pool_stride[1], pool_padding[1], 1))
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("bsconv_fast::channel_affine")
     def _channel_affine_fake(x, scale, shift):

@@ -38,10 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, int64_t, const OptTensor&)>::bind(
                          "bsconv_fast::pw_packed"));
   m.def("conv_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
-                                    int64_t)>::bind("bsconv_fast::conv_packed"));
+                                    int64_t, const OptTensor&, const OptTensor&)>::bind("bsconv_fast::conv_packed"));
   m.def("conv_pool_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
-                                         int64_t, IntArrayRef, IntArrayRef, IntArrayRef)>::bind(
-                                "bsconv_fast::conv_pool_packed"));
+                                         int64_t, IntArrayRef, IntArrayRef, IntArrayRef, const OptTensor&,
+                                         const OptTensor&)>::bind("bsconv_fast::conv_pool_packed"));
   m.def("channel_affine",
         Typed<Tensor(const Tensor&, const Tensor&, const Tensor&)>::bind("bsconv_fast::channel_affine"));
   m.def("max_pool",
@@ -82,14 +82,17 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // + bias + residual), weights packed once by `pack_pw`; residual has the output's shape.
   m.def("pack_pw(Tensor weight, Tensor? bias) -> Tensor");
   m.def("pw_packed(Tensor x, Tensor packed, int out_channels, int[2] stride, int act, Tensor? residual) -> Tensor");
-  // A dense k x k convolution on the same kernel (the image stems): y = act(conv(x, weight, stride,
-  // padding) + bias), `packed` = pack_pw of the weight permuted to (Cout, KH, KW, Cin).
+  // A dense k x k convolution on the same kernel (the image stems): y = act(conv(x', weight, stride,
+  // padding) + bias), `packed` = pack_pw of the weight permuted to (Cout, KH, KW, Cin), x' = x * in_scale[c]
+  // + in_shift[c] when they are given (an input BatchNorm; the zero padding applies to x'), else x. The
+  // output is channels_last whatever x's layout (an NCHW x is read as it is, not copied first).
   m.def("conv_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
-        "int act) -> Tensor");
+        "int act, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor");
   // The same followed by max pooling (the ResNet stem), in one pass: max_pool2d(conv_packed(...),
   // pool_kernel, pool_stride, pool_padding).
   m.def("conv_pool_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
-        "int act, int[2] pool_kernel, int[2] pool_stride, int[2] pool_padding) -> Tensor");
+        "int act, int[2] pool_kernel, int[2] pool_stride, int[2] pool_padding, Tensor? in_scale=None, "
+        "Tensor? in_shift=None) -> Tensor");
   // The memory-bound ops around them (inference, CPU; csrc/cpu/glue_cpu.cpp): y = x * scale[c] +
   // shift[c] written channels_last (an eval BatchNorm on the network input), k x k max pooling, and
   // the mean over H x W as an (N, C, 1, 1) tensor.

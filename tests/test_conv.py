@@ -55,8 +55,44 @@ def test_grid(case, memory_format):
                                             list(_pair(p)), 1)
     want = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), _pair(s), _pair(p)))
     assert_close_to_reference(out, want, weight[0].numel(), str(case))
-    if x.numel() and min(out.shape[1:]) > 1:  # the output keeps the input's format (as torch suggests it)
-        assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the stems write channels_last from any layout
+
+
+def _affine(cin, dtype=torch.float32):
+    """An input BatchNorm's scale and shift (away from 1 and 0, so that a missed or misplaced one shows)."""
+    return torch.rand(cin, dtype=dtype) + 0.5, torch.randn(cin, dtype=dtype)
+
+
+def _with_affine(x, scale, shift):
+    return x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+
+
+def _layout(x, layout):
+    """x as NCHW, channels_last, or a strided view of a wider tensor (neither)."""
+    if layout == "strided":
+        wide = torch.randn(*x.shape[:3], x.shape[3] + 3, dtype=x.dtype)
+        wide[..., 2:-1] = x
+        return wide[..., 2:-1]
+    return x.contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+
+
+# Tall inputs too: each thread's window of converted rows (kernel rows + 8 strides) slides down several
+# times, and two threads start their windows mid-image.
+AFFINE_GRID = GRID + [(2, 3, 24, 53, 17, 3, 1, 1), (2, 3, 32, 67, 41, 7, 2, 3)]
+
+
+@pytest.mark.parametrize("case", AFFINE_GRID, ids=[str(i) for i in range(len(AFFINE_GRID))])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided"])
+def test_input_affine_applies_before_the_zero_padding(case, layout):
+    n, cin, cout, h, w, k, s, p = case
+    x, weight, bias = _problem(n, cin, cout, h, w, k)
+    x = _layout(x, layout)
+    scale, shift = _affine(cin)
+    out = torch.ops.bsconv_fast.conv_packed(x, _packed(weight, bias), cout, list(weight.shape[2:]), list(_pair(s)),
+                                            list(_pair(p)), 1, scale, shift)
+    want = F.relu(F.conv2d(_with_affine(x, scale, shift), weight.double(), bias.double(), _pair(s), _pair(p)))
+    assert_close_to_reference(out, want, weight[0].numel(), f"{case} {layout}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 # (n, cin, cout, h, w, kernel, stride, padding, pool kernel, pool stride, pool padding): the ResNet stem,
@@ -71,13 +107,17 @@ POOL_GRID = [
 
 @pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pooled_stem_matches_conv_then_max_pool(case, dtype):
+@pytest.mark.parametrize("layout,affine", [("nchw", False), ("cl", False), ("nchw", True), ("strided", True)])
+def test_pooled_stem_matches_conv_then_max_pool(case, dtype, layout, affine):
     n, cin, cout, h, w, k, s, p, pk, ps, pp = case
     x, weight, bias = _problem(n, cin, cout, h, w, k, dtype)
     x[0, 0, h // 2, w // 3] = float("nan")  # a NaN input makes NaN outputs, and the pool must keep them
+    x = _layout(x, layout)
+    scale, shift = _affine(cin, dtype) if affine else (None, None)
     out = torch.ops.bsconv_fast.conv_pool_packed(x, _packed(weight, bias), cout, [k, k], [s, s], [p, p], 1,
-                                                 list(pk), list(ps), list(pp))
-    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), s, p)), pk, ps, pp)
+                                                 list(pk), list(ps), list(pp), scale, shift)
+    xa = _with_affine(x, scale, shift) if affine else x.double()
+    want = F.max_pool2d(F.relu(F.conv2d(xa, weight.double(), bias.double(), s, p)), pk, ps, pp)
     assert torch.equal(out.isnan(), want.isnan())
     assert_close_to_reference(out.nan_to_num(), want.nan_to_num(), cin * k * k, str(case))
 
@@ -89,13 +129,14 @@ def test_pooled_stem_module_and_optimize():
     fast = bsconv_fast.optimize(model)
     stem = fast.backbone.init_unit
     assert isinstance(stem, FusedConv) and stem.pool == [[3, 3], [2, 2], [1, 1]]  # conv, BN, ReLU and max pool
+    assert isinstance(fast.backbone.data_bn, nn.Identity) and stem.in_scale is not None  # the input BN too
     x = torch.randn(2, 3, 45, 51)
     with torch.inference_mode(), torch.profiler.profile() as prof:
         got = stem(x)
     assert {e.key for e in prof.key_averages()} >= {"bsconv_fast::conv_pool_packed"}
     assert "aten::max_pool2d" not in {e.key for e in prof.key_averages()}
     with torch.no_grad():
-        want = copy.deepcopy(model.backbone.init_unit).double()(x.double())
+        want = copy.deepcopy(nn.Sequential(model.backbone.data_bn, model.backbone.init_unit)).double()(x.double())
         assert_close_to_reference(got, want, 3 * 49, "pooled stem")
         xg = x.clone().requires_grad_()  # the standard ops under autograd, same values
     out = stem(xg)
@@ -117,6 +158,11 @@ def test_pooled_stem_opcheck_and_bad_arguments():
         torch.ops.bsconv_fast.conv_pool_packed(*args, [17, 3], [2, 2], [0, 0])
     with pytest.raises(RuntimeError, match="output is too small for pool_kernel"):
         torch.ops.bsconv_fast.conv_pool_packed(*args, [9, 9], [1, 1], [0, 0])
+    scale, shift = _affine(3)
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_pool_packed.default,
+                          (*args, [3, 3], [2, 2], [1, 1], scale, shift))
+    with pytest.raises(RuntimeError, match="in_scale and in_shift come together"):
+        torch.ops.bsconv_fast.conv_pool_packed(*args, [3, 3], [2, 2], [1, 1], scale, None)
 
 
 @pytest.mark.parametrize("act", sorted(reference.ACTIVATIONS.values()))
@@ -178,3 +224,12 @@ def test_opcheck_and_bad_arguments():
         torch.ops.bsconv_fast.conv_packed(x, packed, 10, [3, 3], [1, 1], [1, 1], 9)
     with pytest.raises(RuntimeError, match="x must be 4-D"):
         torch.ops.bsconv_fast.conv_packed(x[0], packed, 10, [3, 3], [1, 1], [1, 1], 0)
+    scale, shift = _affine(3)
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_packed.default,
+                          (x, packed, 10, [3, 3], [2, 1], [1, 0], 2, scale, shift))
+    with pytest.raises(RuntimeError, match="in_scale and in_shift come together"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [3, 3], [1, 1], [1, 1], 0, None, shift)
+    with pytest.raises(RuntimeError, match=r"in_scale and in_shift must have shape \(3\), dtype Float"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [3, 3], [1, 1], [1, 1], 0, torch.ones(4), torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"in_scale and in_shift must have shape \(3\), dtype Float"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [3, 3], [1, 1], [1, 1], 0, scale.double(), shift.double())

@@ -151,6 +151,14 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     conv7 = torch.ops.bsconv_fast.conv_packed(x7, packed7, cout, [7, 7], [2, 2], [3, 3], 1)
     want = torch.relu(torch.nn.functional.conv2d(x7.double(), w7.double(), b.double(), 2, 3))
     assert_close_to_reference(conv7, want, 147, "7x7 stem " + str(case))
+    # the pooled 7x7 stem with an input affine (a folded data_bn), its NCHW rows interleaved a vector at a time
+    s7, t7 = torch.rand(3) + 0.5, torch.randn(3)
+    stem7 = torch.ops.bsconv_fast.conv_pool_packed(x7, packed7, cout, [7, 7], [2, 2], [3, 3], 1, [3, 3], [2, 2],
+                                                   [1, 1], s7, t7)
+    x7a = x7.double() * s7.double().view(1, -1, 1, 1) + t7.double().view(1, -1, 1, 1)
+    want = torch.nn.functional.max_pool2d(
+        torch.relu(torch.nn.functional.conv2d(x7a, w7.double(), b.double(), 2, 3)), 3, 2, 1)
+    assert_close_to_reference(stem7, want, 147, "7x7 stem, input affine " + str(case))
     # max pooling (NaN winning) alone and after the stem: full 16-channel vectors and a tail
     z = torch.randn(n, cout, h + 2, w + 1).contiguous(memory_format=torch.channels_last)
     z[0, cout - 1, 1, 2] = float("nan")

@@ -111,8 +111,9 @@ def test_optimize_replaces_the_official_stem_and_se_units():
     model = B.get_model("cifar_mobilenetv3_small_w7d20_bsconvs_p1d6", num_classes=10).eval()
     randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
     fast = bsconv_fast.optimize(model)
-    assert isinstance(fast.backbone.data_bn, InputAffine)
-    assert not fast._forward_pre_hooks  # data_bn writes channels_last itself: no conversion on entry
+    # data_bn folded into the stem, which reads the image as it comes: no conversion on entry
+    assert isinstance(fast.backbone.data_bn, nn.Identity) and fast.backbone.init_conv.in_scale is not None
+    assert not fast._forward_pre_hooks
     se = [m for m in fast.modules() if isinstance(m, SqueezeExcite)]
     assert se and len(se) == sum(type(m).__name__ == "SEUnit" for m in model.modules())
     x = torch.randn(2, 3, 32, 32)

@@ -34,8 +34,9 @@ def test_optimized_official_model_matches(name, fused):
     backends = set(bsconv_fast.explain(fast, x).backends().values())
     isa = bsconv_fast._ext.cpu_kernel_isa()
     # every layer on a bsconv_fast kernel: fused pairs, 1x1 convs, the stem (a BSConv in some), the input
-    # BN and the pools
-    assert {f"cpu-fused ({isa})", "cpu-affine", "cpu-pool"} <= backends
+    # BN (folded into a FusedConv stem where there is one) and the pools
+    assert {f"cpu-fused ({isa})", "cpu-pool"} <= backends
+    assert ("cpu-affine" in backends) == (f"cpu-conv ({isa})" not in backends)
     assert backends <= {f"cpu-fused ({isa})", f"cpu-fused-pair ({isa})", f"cpu-pointwise ({isa})", f"cpu-conv ({isa})",
                         "cpu-affine", "cpu-pool"}
     with torch.inference_mode():

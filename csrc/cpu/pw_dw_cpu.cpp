@@ -130,6 +130,21 @@ struct ScalarKernels {
     }
   }
 
+  // One image row made channels_last: dst[w * C + c] = src[c * sC + w * sW] (* scale[c] + shift[c] where
+  // scale is given), w < W.
+  static void to_channels_last(const T* src, int64_t sC, int64_t sW, int64_t C, int64_t W, const T* scale,
+                               const T* shift, T* dst) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* sc = src + c * sC;
+      if (scale == nullptr) {
+        for (int64_t w = 0; w < W; ++w) dst[w * C + c] = sc[w * sW];
+      } else {
+        const T a = scale[c], b = shift[c];
+        for (int64_t w = 0; w < W; ++w) dst[w * C + c] = sc[w * sW] * a + b;
+      }
+    }
+  }
+
   // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns, NaN winning.
   static void max_pool_row(const T* const* rows, int64_t nrows, int64_t W, int64_t C, int64_t KW, int64_t sw,
                            int64_t pw, int64_t OW, T* y) {
@@ -221,6 +236,20 @@ BSCONV_TARGET inline VReg vmax_nan(VReg m, VReg v) {
   return _mm256_blendv_ps(m, v, _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+// Three planes' 8 pixels interleaved (r0 g0 b0 r1 ...) into dst[0, 24): lane q of output vector j is
+// pixel (8j + q) / 3 of plane (8j + q) % 3.
+BSCONV_TARGET inline void vinterleave3(VReg r, VReg g, VReg b, float* dst) {
+  alignas(32) static const int32_t kPixel[3][8] = {{0, 0, 0, 1, 1, 1, 2, 2}, {2, 3, 3, 3, 4, 4, 4, 5},
+                                                   {5, 5, 6, 6, 6, 7, 7, 7}};
+  const auto out = [&](int j, auto green, auto blue) BSCONV_TARGET {  // green, blue: the lanes of planes 1 and 2
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPixel[j]));
+    VReg v = _mm256_blend_ps(_mm256_permutevar8x32_ps(r, idx), _mm256_permutevar8x32_ps(g, idx), green());
+    vstore(dst + 8 * j, _mm256_blend_ps(v, _mm256_permutevar8x32_ps(b, idx), blue()));
+  };
+  out(0, std::integral_constant<int, 0x92>{}, std::integral_constant<int, 0x24>{});
+  out(1, std::integral_constant<int, 0x24>{}, std::integral_constant<int, 0x49>{});
+  out(2, std::integral_constant<int, 0x49>{}, std::integral_constant<int, 0x92>{});
+}
 #include "simd_kernels.h"
 #undef BSCONV_TARGET
 }  // namespace avx2
@@ -255,6 +284,20 @@ BSCONV_TARGET inline void vstore_first(float* p, VReg v, int64_t n) {
 }
 BSCONV_TARGET inline VReg vload_first(const float* p, int64_t n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+// Three planes' 16 pixels interleaved (r0 g0 b0 r1 ...) into dst[0, 48): lane q of output vector j is
+// pixel (16j + q) / 3 of plane (16j + q) % 3; planes 0 and 1 are picked first, then plane 2 is merged in.
+BSCONV_TARGET inline void vinterleave3(VReg r, VReg g, VReg b, float* dst) {
+  alignas(64) static const int32_t kRedGreen[3][16] = {{0, 16, 0, 1, 17, 0, 2, 18, 0, 3, 19, 0, 4, 20, 0, 5},
+                                                       {21, 0, 6, 22, 0, 7, 23, 0, 8, 24, 0, 9, 25, 0, 10, 26},
+                                                       {0, 11, 27, 0, 12, 28, 0, 13, 29, 0, 14, 30, 0, 15, 31, 0}};
+  alignas(64) static const int32_t kBlue[3][16] = {{0, 1, 16, 3, 4, 17, 6, 7, 18, 9, 10, 19, 12, 13, 20, 15},
+                                                   {0, 21, 2, 3, 22, 5, 6, 23, 8, 9, 24, 11, 12, 25, 14, 15},
+                                                   {26, 1, 2, 27, 4, 5, 28, 7, 8, 29, 10, 11, 30, 13, 14, 31}};
+  for (int j = 0; j < 3; ++j) {
+    const VReg rg = _mm512_permutex2var_ps(r, _mm512_load_si512(kRedGreen[j]), g);
+    vstore(dst + 16 * j, _mm512_permutex2var_ps(rg, _mm512_load_si512(kBlue[j]), b));
+  }
 }
 // max(m, v), where a NaN v wins (torch.max_pool2d propagates NaN)
 BSCONV_TARGET inline VReg vmax_nan(VReg m, VReg v) {
@@ -536,10 +579,90 @@ struct ConvGeometry {
   int64_t N, H, W, Cin, Cout, Cp, KH, KW, sh, sw, ph, pw, OH, OW, act;
 };
 
+// Where a stem convolution reads its input: rows(n, ih) is row ih of image n as W * Cin channels_last
+// values, and the rows of one window (rows.need(n, lo, hi) before it is read) lie W * Cin apart.
+// A channels_last input is read in place.
+template <typename T>
+struct InPlaceRows {
+  const T* x;
+  int64_t H, row;  // rows per image, values per row
+  void need(int64_t, int64_t, int64_t) {}
+  const T* operator()(int64_t n, int64_t ih) const { return x + (n * H + ih) * row; }
+};
+
+// Any other input (the network's image as it comes, NCHW), optionally through an affine first (x * scale[c]
+// + shift[c]: the models' input BatchNorm folded into the stem; the zero padding applies after it): each
+// thread makes the rows its windows need channels_last in a buffer of `cap` rows as the windows move
+// down, so that the input is read once and no transposed copy goes to memory. Measured (frozen models,
+// 2 threads, per-op times of a replay): ResNet-18's channel_affine + pooled stem 1575 -> 1543 us and
+// 1541 -> 1474 us in two runs, MobileNetV1's affine + stem 310 -> 245 us; whole models (A/B in one
+// process) 0.968-1.000x the time, MobileNetV1/V2/V3 0.977-0.993x. Prefetching the next windows' input
+// rows into L2 gained nothing (0.996x; MobileNetV1 1.033x).
+template <typename T>
+struct InputView {
+  const T* x;
+  int64_t sN, sC, sH, sW;  // x's strides
+  const T* scale;          // nullptr: no affine
+  const T* shift;
+};
+
+template <typename T, typename K>
+class ConvertedRows {
+ public:
+  ConvertedRows(const InputView<T>& in, int64_t W, int64_t C, T* buf, int64_t cap)
+      : in_(in), W_(W), C_(C), row_(W * C), cap_(cap), buf_(buf) {}
+
+  // Rows [lo, hi) of image n in the buffer (hi - lo <= cap; windows only move down an image).
+  void need(int64_t n, int64_t lo, int64_t hi) {
+    if (n != n_ || lo < first_ || lo > end_) n_ = n, first_ = end_ = lo;
+    if (hi - first_ > cap_) {  // slide: the rows kept move to the top
+      std::copy(buf_ + (lo - first_) * row_, buf_ + (end_ - first_) * row_, buf_);
+      first_ = lo;
+    }
+    for (; end_ < hi; ++end_) convert(end_, buf_ + (end_ - first_) * row_);
+  }
+  const T* operator()(int64_t, int64_t ih) const { return buf_ + (ih - first_) * row_; }
+
+ private:
+  void convert(int64_t ih, T* dst) const {
+    K::to_channels_last(in_.x + n_ * in_.sN + ih * in_.sH, in_.sC, in_.sW, C_, W_, in_.scale, in_.shift, dst);
+  }
+
+  const InputView<T> in_;
+  const int64_t W_, C_, row_, cap_;
+  T* const buf_;
+  int64_t n_ = -1, first_ = 0, end_ = 0;  // rows [first_, end_) of image n_ are in buf_
+};
+
+// A stem's input: read in place (channels_last, no affine) or through ConvertedRows.
+template <typename T>
+struct StemInput {
+  InputView<T> view;
+  bool in_place;
+};
+
+// ConvertedRows' buffer per thread, in values: the window and 8 strides of rows ahead, so that it
+// slides (copying the rows kept) once per 8 output rows.
+int64_t window_elems(const ConvGeometry& g, bool in_place) {
+  return in_place ? 0 : ceil_div((g.KH + 8 * g.sh) * g.W * g.Cin, kNR) * kNR;
+}
+
+// Calls f(rows) with this thread's reader of the input; `buf`: window_elems(g, in.in_place) values.
+template <typename T, typename K, typename F>
+void with_rows(const ConvGeometry& g, const StemInput<T>& in, T* buf, F&& f) {
+  if (in.in_place) {
+    InPlaceRows<T> rows{in.view.x, g.H, g.W * g.Cin};
+    f(rows);
+  } else {
+    ConvertedRows<T, K> rows(in.view, g.W, g.Cin, buf, g.KH + 8 * g.sh);
+    f(rows);
+  }
+}
+
 // Patches of output pixels [ow0, ow1) of row oh of image n, one after the other in `cols`: per kernel
 // row, the part inside the image is one contiguous copy, the columns outside it zeros.
-template <typename T>
-void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, int64_t ow0, int64_t ow1, T* cols) {
+template <typename T, typename Rows>
+void gather_patches(const ConvGeometry& g, const Rows& rows, int64_t n, int64_t oh, int64_t ow0, int64_t ow1, T* cols) {
   const int64_t span = g.KW * g.Cin;  // one kernel row of a patch: contiguous in channels_last
   for (int64_t ow = ow0; ow < ow1; ++ow) {
     const int64_t iw0 = ow * g.sw - g.pw;
@@ -554,7 +677,7 @@ void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, in
       }
       std::fill(dst, dst + kw_lo * g.Cin, T(0));
       if (kw_hi > kw_lo) {
-        const T* src = x + ((n * g.H + ih) * g.W + iw0 + kw_lo) * g.Cin;
+        const T* src = rows(n, ih) + (iw0 + kw_lo) * g.Cin;
         std::copy(src, src + (kw_hi - kw_lo) * g.Cin, dst + kw_lo * g.Cin);
       }
       std::fill(dst + kw_hi * g.Cin, dst + span, T(0));
@@ -563,43 +686,46 @@ void gather_patches(const ConvGeometry& g, const T* x, int64_t n, int64_t oh, in
 }
 
 // Output pixels [ow0, ow1) of row oh of image n from gathered patches, into out (pixel stride Cout).
-template <typename T, typename K>
-void conv_gathered(const ConvGeometry& g, const T* x, const T* w, const T* b, int64_t n, int64_t oh, int64_t ow0,
+template <typename T, typename K, typename Rows>
+void conv_gathered(const ConvGeometry& g, const Rows& rows, const T* w, const T* b, int64_t n, int64_t oh, int64_t ow0,
                    int64_t ow1, T* out, T* cols) {
   if (ow0 >= ow1) return;
   const int64_t Kd = g.KH * g.KW * g.Cin;
-  gather_patches(g, x, n, oh, ow0, ow1, cols);
+  gather_patches(g, rows, n, oh, ow0, ow1, cols);
   // described as KH runs of KW * Cin, as the in-place patches are, so both take the same micro-kernel
   K::pw_out(cols, Kd, Runs{g.KH, g.KW * g.Cin, g.KW * g.Cin}, ow1 - ow0, w, b, 0, g.Cp, g.Cout, g.act,
             out + ow0 * g.Cout, nullptr);
 }
 
 // Output row oh of image n into out (OW pixels x Cout channels); cols: OW * KH * KW * Cin values.
-template <typename T, typename K>
-void conv_row(const ConvGeometry& g, const T* x, const T* w, const T* b, int64_t n, int64_t oh, T* out, T* cols) {
+template <typename T, typename K, typename Rows>
+void conv_row(const ConvGeometry& g, Rows& rows, const T* w, const T* b, int64_t n, int64_t oh, T* out, T* cols) {
   // Columns whose window lies inside the image: iw0 >= 0 and iw0 + KW <= W.
   const int64_t lo = std::min(g.OW, ceil_div(g.pw, g.sw));
   const int64_t hi = g.W + g.pw < g.KW ? lo : std::max(lo, std::min(g.OW, (g.W + g.pw - g.KW) / g.sw + 1));
   const int64_t ih0 = oh * g.sh - g.ph;
+  rows.need(n, std::max<int64_t>(ih0, 0), std::min(ih0 + g.KH, g.H));
   if (ih0 < 0 || ih0 + g.KH > g.H || lo >= hi) {  // the window leaves the image at the top or bottom
-    conv_gathered<T, K>(g, x, w, b, n, oh, 0, g.OW, out, cols);
+    conv_gathered<T, K>(g, rows, w, b, n, oh, 0, g.OW, out, cols);
     return;
   }
-  conv_gathered<T, K>(g, x, w, b, n, oh, 0, lo, out, cols);
-  conv_gathered<T, K>(g, x, w, b, n, oh, hi, g.OW, out, cols);
-  const T* a = x + ((n * g.H + ih0) * g.W + lo * g.sw - g.pw) * g.Cin;
+  conv_gathered<T, K>(g, rows, w, b, n, oh, 0, lo, out, cols);
+  conv_gathered<T, K>(g, rows, w, b, n, oh, hi, g.OW, out, cols);
+  const T* a = rows(n, ih0) + (lo * g.sw - g.pw) * g.Cin;
   K::pw_out(a, g.sw * g.Cin, Runs{g.KH, g.KW * g.Cin, g.W * g.Cin}, hi - lo, w, b, 0, g.Cp, g.Cout, g.act,
             out + lo * g.Cout, nullptr);
 }
 
 // Output rows split over threads in contiguous runs.
 template <typename T, typename K>
-void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
-  const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH;
+void run_conv(const ConvGeometry& g, const StemInput<T>& in, const T* w, const T* b, T* y) {
+  const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH, cols_elems = ceil_div(g.OW * Kd, kNR) * kNR;
   const int64_t threads = threads_for(rows * g.OW * Kd * g.Cp);
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
-    T* const cols = thread_scratch<T>(g.OW * Kd);
-    for (int64_t r = r0; r < r1; ++r) conv_row<T, K>(g, x, w, b, r / g.OH, r % g.OH, y + r * g.OW * g.Cout, cols);
+    T* const cols = thread_scratch<T>(cols_elems + window_elems(g, in.in_place));
+    with_rows<T, K>(g, in, cols + cols_elems, [&](auto& src) {
+      for (int64_t r = r0; r < r1; ++r) conv_row<T, K>(g, src, w, b, r / g.OH, r % g.OH, y + r * g.OW * g.Cout, cols);
+    });
   });
 }
 
@@ -609,24 +735,27 @@ void run_conv(const ConvGeometry& g, const T* x, const T* w, const T* b, T* y) {
 // never leaves the cache. Padding is ignored by the max, as in torch.max_pool2d. `p` describes the
 // pooling of the convolution's output (its H, W, C are OH, OW, Cout).
 template <typename T, typename K>
-void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const T* x, const T* w, const T* b, T* y) {
+void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>& in, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * p.OH, row_elems = g.OW * g.Cout;
+  const int64_t cols_elems = ceil_div(g.OW * Kd, kNR) * kNR, ring_elems = ceil_div(p.KH * row_elems, kNR) * kNR;
   const int64_t threads = threads_for(g.N * g.OH * g.OW * Kd * g.Cp);
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
-    T* const cols = thread_scratch<T>(g.OW * Kd + p.KH * row_elems + kNR);
-    T* const ring = cols + ceil_div(g.OW * Kd, kNR) * kNR;  // 64-byte aligned rows when Cout % 16 == 0
-    const T* window[kMaxPoolKernel];
-    int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
-      const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
-      if (n != image) image = n, next_row = lo;
-      for (next_row = std::max(next_row, lo); next_row < hi; ++next_row) {
-        conv_row<T, K>(g, x, w, b, n, next_row, ring + next_row % p.KH * row_elems, cols);
+    T* const cols = thread_scratch<T>(cols_elems + ring_elems + window_elems(g, in.in_place));
+    T* const ring = cols + cols_elems;  // 64-byte aligned rows when Cout % 16 == 0
+    with_rows<T, K>(g, in, ring + ring_elems, [&](auto& src) {
+      const T* window[kMaxPoolKernel];
+      int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
+        const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
+        if (n != image) image = n, next_row = lo;
+        for (next_row = std::max(next_row, lo); next_row < hi; ++next_row) {
+          conv_row<T, K>(g, src, w, b, n, next_row, ring + next_row % p.KH * row_elems, cols);
+        }
+        for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % p.KH * row_elems;
+        K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
       }
-      for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % p.KH * row_elems;
-      K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
-    }
+    });
   });
 }
 
@@ -1009,23 +1138,58 @@ std::pair<const T*, const T*> conv_weights(const ConvGeometry& g, const at::Tens
   return {w, w + g.Cp * g.Cin * g.KH * g.KW};
 }
 
+// A stem op's output, channels_last (the layout of the fused layers after a stem, whatever x's), which
+// run(kernels, input, y) fills: x is read in place where it is channels_last and no input affine is given,
+// else through ConvertedRows (its strides as they are, the affine applied).
+template <typename Run>
+at::Tensor stem_output(const at::Tensor& x, at::IntArrayRef sizes, const c10::optional<at::Tensor>& in_scale,
+                       const c10::optional<at::Tensor>& in_shift, const char* op, const Run& run) {
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "bsconv_fast::", op,
+              ": in_scale and in_shift come together (an input affine x * in_scale + in_shift) or not at all");
+  at::Tensor scale, shift;
+  if (in_scale.has_value()) {
+    for (const auto* v : {&*in_scale, &*in_shift}) {
+      TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(1) && v->scalar_type() == x.scalar_type() &&
+                      v->device() == x.device(),
+                  "bsconv_fast::", op, ": in_scale and in_shift must have shape (", x.size(1), "), dtype ",
+                  x.scalar_type(), " and x's device, got ", v->sizes(), " ", v->scalar_type(), " ", v->device());
+    }
+    scale = in_scale->contiguous();
+    shift = in_shift->contiguous();
+  }
+  auto y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_stem", [&] {
+    const bool in_place = !scale.defined() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const StemInput<scalar_t> in{{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                                  data_or_null<scalar_t>(scale), data_or_null<scalar_t>(shift)},
+                                 in_place};
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    with_kernels<scalar_t>([&](auto k) { run(k, in, yp); });
+  });
+  return y;
+}
+
 }  // namespace
 
 at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
-                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act) {
+                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
+                           const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift) {
   const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_packed");
-  return kernel_output(x, {g.N, g.Cout, g.OH, g.OW}, c10::nullopt, "conv_packed",
-                       [&](auto k, const auto* xp, auto* yp, const auto*) {
-                         using T = std::remove_pointer_t<decltype(yp)>;
-                         const auto [w, b] = conv_weights<T>(g, packed);
-                         run_conv<T, decltype(k)>(g, xp, w, b, yp);
-                       });
+  return stem_output(x, {g.N, g.Cout, g.OH, g.OW}, in_scale, in_shift, "conv_packed",
+                     [&](auto k, const auto& in, auto* yp) {
+                       using T = std::remove_pointer_t<decltype(yp)>;
+                       const auto [w, b] = conv_weights<T>(g, packed);
+                       run_conv<T, decltype(k)>(g, in, w, b, yp);
+                     });
 }
 
 at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
                                 at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
                                 at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
-                                at::IntArrayRef pool_padding) {
+                                at::IntArrayRef pool_padding, const c10::optional<at::Tensor>& in_scale,
+                                const c10::optional<at::Tensor>& in_shift) {
   const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_pool_packed");
   TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2 && pool_padding.size() == 2,
               "bsconv_fast::conv_pool_packed: pool_kernel, pool_stride and pool_padding need 2 values each");
@@ -1040,12 +1204,12 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
   p.OW = (g.OW + 2 * p.pw - p.KW) / p.sw + 1;
   TORCH_CHECK(p.OH > 0 && p.OW > 0, "bsconv_fast::conv_pool_packed: the convolution's ", g.OH, "x", g.OW,
               " output is too small for pool_kernel ", pool_kernel);
-  return kernel_output(x, {g.N, g.Cout, p.OH, p.OW}, c10::nullopt, "conv_pool_packed",
-                       [&](auto k, const auto* xp, auto* yp, const auto*) {
-                         using T = std::remove_pointer_t<decltype(yp)>;
-                         const auto [w, b] = conv_weights<T>(g, packed);
-                         run_conv_pool<T, decltype(k)>(g, p, xp, w, b, yp);
-                       });
+  return stem_output(x, {g.N, g.Cout, p.OH, p.OW}, in_scale, in_shift, "conv_pool_packed",
+                     [&](auto k, const auto& in, auto* yp) {
+                       using T = std::remove_pointer_t<decltype(yp)>;
+                       const auto [w, b] = conv_weights<T>(g, packed);
+                       run_conv_pool<T, decltype(k)>(g, p, in, w, b, yp);
+                     });
 }
 
 TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {

@@ -3,10 +3,12 @@
 //   BSCONV_TARGET  function attribute enabling the ISA
 //   VReg, kLanes   vector register type and its float lanes
 //   vload, vstore, vbcast, vfma, vset1, vadd, vmul, vdiv, vmax, vmin, vmax_nan, vstore_first(n),
-//   vload_first(n), vsub, vround (to nearest), vscale2(p, n) = p * 2^n for integral n
+//   vload_first(n), vsub, vround (to nearest), vscale2(p, n) = p * 2^n for integral n,
+//   vinterleave3(r, g, b, dst) (three vectors' lanes interleaved into 3 * kLanes floats)
 //   kMR            pixels per GEMM micro-tile (bounded by the register file)
 //   kMaxNV         channel vectors per GEMM micro-tile (kMR * kMaxNV accumulators; > 2: also 6 x 4)
-// Needs Geometry, Operands, Runs, valid_taps, ceil_div, the Act codes and kNR from the including file.
+// Needs Geometry, Operands, Runs, valid_taps, ceil_div, the Act codes, kNR and ScalarKernels from the
+// including file.
 //
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
 // stores them back on every k step, which halves the micro-kernel's speed.
@@ -356,6 +358,31 @@ struct Kernels {
         gemm_panels(a, lda, runs, npix, w, bias, c0, cg, st);
       }
     });
+  }
+
+  // One image row made channels_last: dst[w * C + c] = src[c * sC + w * sW] (* scale[c] + shift[c] where
+  // scale is given), w < W. Three planes of contiguous pixels (an NCHW RGB image) go a vector of pixels at
+  // a time (vinterleave3), anything else the scalar way. Measured on the ResNet stem (7x7 on 224 x 224,
+  // conv_pool_packed, hot cache): the scalar loop alone cost as much as the separate channel_affine op.
+  BSCONV_TARGET static void to_channels_last(const float* src, int64_t sC, int64_t sW, int64_t C, int64_t W,
+                                             const float* scale, const float* shift, float* dst) {
+    int64_t w = 0;
+    if (C == 3 && sW == 1) {
+      const VReg one = vset1(1.f), zero = vset1(0.f);
+      const VReg s0 = scale ? vset1(scale[0]) : one, s1 = scale ? vset1(scale[1]) : one;
+      const VReg s2 = scale ? vset1(scale[2]) : one, t0 = scale ? vset1(shift[0]) : zero;
+      const VReg t1 = scale ? vset1(shift[1]) : zero, t2 = scale ? vset1(shift[2]) : zero;
+      for (; w + kLanes <= W; w += kLanes) {
+        VReg r = vload(src + w), g = vload(src + sC + w), b = vload(src + 2 * sC + w);
+        if (scale != nullptr) {
+          r = vadd(vmul(r, s0), t0);
+          g = vadd(vmul(g, s1), t1);
+          b = vadd(vmul(b, s2), t2);
+        }
+        vinterleave3(r, g, b, dst + 3 * w);
+      }
+    }
+    ScalarKernels<float>::to_channels_last(src + w * sW, sC, sW, C, W - w, scale, shift, dst + w * C);
   }
 
   // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns (NaN winning),
