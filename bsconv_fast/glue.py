@@ -51,6 +51,11 @@ class GlueOp(nn.Module):
         return ("reference", reason) if reason else (self.backend, "")
 
 
+def input_affine_reference(x, scale, shift):
+    """x * scale[c] + shift[c] with the standard ops (InputAffine's and the stems' fallback)."""
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+
+
 class InputAffine(GlueOp):
     """y = x * scale[c] + shift[c], written channels_last: an eval-mode BatchNorm (the official models'
     `data_bn` on the image). An NCHW input is transposed in the same pass."""
@@ -73,7 +78,7 @@ class InputAffine(GlueOp):
         b = self._buffers
         if not cpu_op_reason(x, b["scale"]):
             return torch.ops.bsconv_fast.channel_affine(x, b["scale"], b["shift"])
-        return torch.addcmul(b["shift"].view(1, -1, 1, 1), x, b["scale"].view(1, -1, 1, 1))
+        return input_affine_reference(x, b["scale"], b["shift"])
 
 
 class MaxPool(GlueOp):

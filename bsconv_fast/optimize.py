@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsconv_fast import _ext, dispatch, frozen, functional, heap, ops, reference
-from bsconv_fast.glue import SE_GATES, Activation, GlobalAvgPool, InputAffine, MaxPool, SqueezeExcite, cpu_op_reason
+from bsconv_fast.glue import (SE_GATES, Activation, GlobalAvgPool, InputAffine, MaxPool, SqueezeExcite, cpu_op_reason,
+                              input_affine_reference)
 from bsconv_fast.modules import BSConvS, BSConvU, PackedInference, bn_uses_batch_stats, fold_bn
 from bsconv_fast.patching import patch
 
@@ -221,7 +222,7 @@ class FusedConv(FusedPointwise):
                 return torch.ops.bsconv_fast.conv_packed(*args, scale, shift)
             return torch.ops.bsconv_fast.conv_pool_packed(*args, *self.pool, scale, shift)
         if scale is not None:
-            x = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+            x = input_affine_reference(x, scale, shift)
         y = reference.activation(F.conv2d(x, w, self.bias, self.stride, self.padding), self.act)
         return y if self.pool is None else F.max_pool2d(y, *self.pool)
 

@@ -5,8 +5,9 @@
 //                    the fused op's kernel families (pw_dw_cpu.cpp, shared with the pooled stem)
 //   global_avg_pool  mean over H x W -> (N, C, 1, 1) (before classifiers, in squeeze-excitation)
 // They read and write channels_last, where the innermost loop runs over contiguous channels and
-// vectorises. The affine and mean loops are compiled for AVX-512, AVX2 and baseline x86-64 and
-// the loader picks one (target_clones); BSCONV_FAST_ISA does not apply to them.
+// vectorises. The channels_last affine and the mean loops are compiled for AVX-512, AVX2 and baseline
+// x86-64 and the loader picks one (target_clones; BSCONV_FAST_ISA does not apply to them); an NCHW
+// input's transpose runs the stems' to_channels_last (pw_dw_cpu.cpp's kernel families).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -63,11 +64,7 @@ template <typename T>
 void affine_transpose(const T* x, T* y, int64_t C, int64_t HW, int64_t p0, int64_t p1, const T* s, const T* t) {
   constexpr int64_t kBlock = 256;  // pixels per block: the output block stays in L1 across channels
   for (int64_t b = p0; b < p1; b += kBlock) {
-    const int64_t e = std::min(p1, b + kBlock);
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xc = x + c * HW;
-      for (int64_t p = b; p < e; ++p) y[p * C + c] = xc[p] * s[c] + t[c];
-    }
+    to_channels_last(x + b, HW, 1, C, std::min(p1, b + kBlock) - b, s, t, y + b * C);
   }
 }
 

@@ -641,10 +641,13 @@ struct StemInput {
   bool in_place;
 };
 
-// ConvertedRows' buffer per thread, in values: the window and 8 strides of rows ahead, so that it
-// slides (copying the rows kept) once per 8 output rows.
+// ConvertedRows' buffer in rows: the window and 8 strides of rows ahead, so that it slides (copying
+// the rows kept) once per 8 output rows.
+int64_t window_rows(const ConvGeometry& g) { return g.KH + 8 * g.sh; }
+
+// That buffer per thread, in values (none where the input is read in place).
 int64_t window_elems(const ConvGeometry& g, bool in_place) {
-  return in_place ? 0 : ceil_div((g.KH + 8 * g.sh) * g.W * g.Cin, kNR) * kNR;
+  return in_place ? 0 : ceil_div(window_rows(g) * g.W * g.Cin, kNR) * kNR;
 }
 
 // Calls f(rows) with this thread's reader of the input; `buf`: window_elems(g, in.in_place) values.
@@ -654,7 +657,7 @@ void with_rows(const ConvGeometry& g, const StemInput<T>& in, T* buf, F&& f) {
     InPlaceRows<T> rows{in.view.x, g.H, g.W * g.Cin};
     f(rows);
   } else {
-    ConvertedRows<T, K> rows(in.view, g.W, g.Cin, buf, g.KH + 8 * g.sh);
+    ConvertedRows<T, K> rows(in.view, g.W, g.Cin, buf, window_rows(g));
     f(rows);
   }
 }
@@ -863,6 +866,16 @@ void max_pool(const PoolShape& s, const float* x, float* y) {
 
 void max_pool(const PoolShape& s, const double* x, double* y) {
   with_kernels<double>([&](auto k) { run_max_pool<double, decltype(k)>(s, x, y); });
+}
+
+void to_channels_last(const float* src, int64_t sC, int64_t sW, int64_t C, int64_t W, const float* scale,
+                      const float* shift, float* dst) {
+  with_kernels<float>([&](auto k) { decltype(k)::to_channels_last(src, sC, sW, C, W, scale, shift, dst); });
+}
+
+void to_channels_last(const double* src, int64_t sC, int64_t sW, int64_t C, int64_t W, const double* scale,
+                      const double* shift, double* dst) {
+  with_kernels<double>([&](auto k) { decltype(k)::to_channels_last(src, sC, sW, C, W, scale, shift, dst); });
 }
 
 bool poison_outputs() {

@@ -18,5 +18,13 @@ struct PoolShape {
 };
 void max_pool(const PoolShape& s, const float* x, float* y);
 void max_pool(const PoolShape& s, const double* x, double* y);
+
+// W pixels of C planes (plane c at src + c * sC, pixel w at w * sW) made channels_last:
+// dst[w * C + c] = src[c * sC + w * sW] (* scale[c] + shift[c] where scale is given). The stems' row
+// conversion and bsconv_fast::channel_affine on an NCHW input share these kernels.
+void to_channels_last(const float* src, int64_t sC, int64_t sW, int64_t C, int64_t W, const float* scale,
+                      const float* shift, float* dst);
+void to_channels_last(const double* src, int64_t sC, int64_t sW, int64_t C, int64_t W, const double* scale,
+                      const double* shift, double* dst);
 }  // namespace cpu
 }  // namespace bsconv_fast
