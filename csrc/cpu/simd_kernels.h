@@ -85,8 +85,6 @@ struct RingStore {
   // out of general registers and kept pixel offsets in vector registers, moved back on every k step
   // (measured: fused layers 3-5% faster out of line, single thread).
   static constexpr bool kOutOfLine = true;
-  // 6 x 64-channel tiles (gemm_panels) measured 3-9% slower here than 2 x (8 x 32): kept to the latter.
-  static constexpr bool kQuadBlocks = false;
   float* c;
   int64_t ldc;
   BSCONV_TARGET __attribute__((always_inline)) void operator()(int r, int64_t col, VReg v) const {
@@ -100,11 +98,6 @@ struct RingStore {
 template <int64_t ACT>
 struct OutStore {
   static constexpr bool kOutOfLine = false;  // inlined: 0-2% faster for the 1x1 op (measured)
-  // A last 64 channels as one 6-pixel x 64-channel tile (AVX-512): the pixels are read once, not
-  // twice. Measured (A/B in one process): the 1x1 op 64->64 @56 2-6%, 32->64 @112 6-10%, 3->64
-  // 16-22% faster; ResNet-18 (its 7x7 stem, projections) 0.8% on 2 threads, 1.3% on 1 thread,
-  // MobileNetV3 0.9%, MobileNetV1/V2 unchanged.
-  static constexpr bool kQuadBlocks = true;
   float* y;
   const float* res;  // nullptr: no residual
   int64_t ldc, ncols;
@@ -273,8 +266,8 @@ BSCONV_TARGET inline void gemm_columns_pf(const float* a, int64_t lda, const Run
 
 // Output channels [c0, c0 + cg) of npix pixels (pixel p at a + p * lda, its inputs as `runs`
 // say), packed weights `w` and bias as pack_into lays them out, in column blocks of kMaxNV vectors
-// while at least that many are left (four left go as one block of 4 where the Store asks for it,
-// else as 2 + 2), then 2, then 1.
+// while at least that many are left, then 2, then 1; on AVX-512 the last 4 or 8 vectors go as blocks of
+// 4 (6 x 64-channel tiles, see kQuad below).
 // LEN > 0: runs.len is LEN (a compile-time constant for the micro-kernel's inner loop).
 template <int LEN = 0, typename Store>
 BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs runs, int64_t npix, const float* w,
@@ -318,12 +311,19 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
     }
     c += NV * kLanes;
   };
-  constexpr int kWide = kMaxNV > 2 ? 3 : 2, kQuad = kMaxNV > 2 ? 4 : 2;  // (AVX2 takes neither branch)
+  // AVX-512: a last 4 or 8 vectors (64 or 128 channels) as 6 x 4-vector tiles (24 accumulators), not
+  // 3 + 3 + 2 or 2 + 2. Register-only loops of 64 k steps on an Intel Xeon (AVX-512, 2.1 GHz): 8 x 2
+  // tiles reach 78% of the FMA peak, 8 x 3 86%, 6 x 4 90%. Measured: the pointwise rows alone (hot,
+  // 64 -> 64 @56) 0.92x the time; standalone A/B of ResNet-18's 64-channel pair 0.93-0.97x (1 and 2
+  // threads); in the extension (both in one library) fused 64 -> 64 @56 0.95x, 128 -> 128 @56 0.96x,
+  // 128 -> 128 @28 0.97x (1 thread), 0.94-1.00x on 2; whole models within their noise (0.96-1.02x).
+  // (The 1x1 op's last 64 channels had gone this way before: 64 -> 64 @56 2-6%, 3 -> 64 16-22% faster.)
+  constexpr int kWide = kMaxNV > 2 ? 3 : 2, kQuad = kMaxNV > 2 ? 4 : 2;  // AVX2: blocks of 2, then 1
   while (c < c0 + cg) {
     const int64_t left = (c0 + cg - c) / kLanes;
-    if (kMaxNV > 2 && Store::kQuadBlocks && left == 4) {
+    if (kMaxNV > 2 && (left == 4 || left == 8)) {
       block(std::integral_constant<int, kQuad>{});
-    } else if (left >= kWide && left != 4) {
+    } else if (left >= kWide) {
       block(std::integral_constant<int, kWide>{});
     } else if (left >= 2) {
       block(std::integral_constant<int, 2>{});
