@@ -37,6 +37,8 @@ GRID = [
     (1, 24, 40, 45, 11, 3, 1, 1, 1, True),           # narrow input over many rows: row bands
     (1, 40, 24, 57, 9, 5, 2, 2, 1, False),           # the same with stride 2 and a 5x5 halo
     (1, 80, 48, 57, 9, 3, 1, 1, 1, True),            # a wide input over many rows: row bands too
+    (1, 19, 64, 11, 13, 3, 1, 1, 1, True),           # 64 channels: 6-pixel x 64-channel tiles (AVX-512)
+    (1, 29, 125, 9, 17, 3, 2, 1, 1, False),          # a last 128 as two such blocks, with a channel tail
 ]
 
 

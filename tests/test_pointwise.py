@@ -28,6 +28,8 @@ GRID = [
     (0, 5, 7, 4, 4, 1),
     (1, 33, 64, 9, 13, 1),   # 64 channels: one 6-pixel x 64-channel block (AVX-512)
     (2, 20, 61, 5, 7, 1),    # the same block with a channel tail
+    (1, 33, 128, 9, 13, 1),  # 128 channels: two such blocks
+    (2, 20, 125, 5, 7, 1),   # the same with a channel tail
 ]
 
 
