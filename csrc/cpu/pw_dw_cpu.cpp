@@ -41,6 +41,7 @@ constexpr int64_t kMinPixels = 96;  // pointwise pixels per GEMM call we aim for
 constexpr int kMaxFixedKernel = 5;  // largest kernel with a specialised depthwise path (5x5)
 constexpr int kMaxPoolKernel = 16;  // largest max-pooling window height conv_pool_packed takes
 constexpr int kStemRun = 21;        // KW * Cin of the 7x7 RGB stem: a GEMM run length compiled in
+constexpr int kSmallStemRun = 9;    // KW * Cin of the 3x3 RGB stems: the same
 
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
 

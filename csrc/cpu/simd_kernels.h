@@ -351,9 +351,15 @@ struct Kernels {
       const OutStore<a_()> st{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0};
       // The 7x7 RGB stem's runs (7 x 3 = 21 values) with their length known at compile time: the
       // k loop unrolled, constant offsets. Measured (A/B in one process, 2 threads): ResNet-18's
-      // conv_pool 1216 vs 1273 us, the whole model 1.6-2.1% faster.
+      // conv_pool 1216 vs 1273 us, the whole model 1.6-2.1% faster. The 3x3 stems' runs (9 values) too:
+      // their k loop of 9 steps had as much loop overhead as FMAs in a 16-channel tile. Measured (the
+      // op on an NCHW image with an input affine, both variants in one library, 1 and 2 threads): 224 x
+      // 224 3 -> 16 s2 (MobileNetV3) 0.76-0.77x the time, 3 -> 32 s2 (MobileNetV1/V2) 0.96x, 32 x 32
+      // 3 -> 32 s1 (cifar) 0.96x; whole models within their noise (0.99-1.02x).
       if (runs.len == kStemRun) {
         gemm_panels<kStemRun>(a, lda, runs, npix, w, bias, c0, cg, st);
+      } else if (runs.len == kSmallStemRun) {
+        gemm_panels<kSmallStemRun>(a, lda, runs, npix, w, bias, c0, cg, st);
       } else {
         gemm_panels(a, lda, runs, npix, w, bias, c0, cg, st);
       }
