@@ -38,13 +38,6 @@ void check_float(const at::Tensor& x, const char* op) {
               " (CPU): supports float32 and float64, got ", x.scalar_type());
 }
 
-// A new output tensor, NaN-filled under BSCONV_FAST_POISON=1.
-at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto y = at::empty(sizes, options);
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  return y;
-}
-
 bool channels_last(const at::Tensor& x) { return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
 
 // ---------------------------------------------------------------- channel_affine
@@ -103,13 +96,8 @@ void channel_affine_impl(const at::Tensor& x, const at::Tensor& scale, const at:
 
 at::Tensor channel_affine_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
   check_float(x, "channel_affine");
-  const int64_t C = x.size(1);
-  for (const auto* v : {&scale, &shift}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == C && v->scalar_type() == x.scalar_type(),
-                "bsconv_fast::channel_affine: scale and shift must have shape (", C, ") and dtype ",
-                x.scalar_type(), ", got ", v->sizes(), " ", v->scalar_type());
-  }
-  auto y = output(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  check_channel_operands(x, scale, shift, "channel_affine", "scale and shift");
+  auto y = new_output(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_channel_affine", [&] {
     channel_affine_impl<scalar_t>(x, scale.contiguous(), shift.contiguous(), y);
@@ -134,7 +122,8 @@ at::Tensor max_pool_cpu(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntA
   const int64_t OW = (x_in.size(3) + 2 * padding[1] - kernel[1]) / stride[1] + 1;
   TORCH_CHECK(OH > 0 && OW > 0, "bsconv_fast::max_pool: input ", x_in.size(2), "x", x_in.size(3),
               " is too small for kernel ", kernel, " with padding ", padding);
-  auto y = output({x_in.size(0), x_in.size(1), OH, OW}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = new_output({x_in.size(0), x_in.size(1), OH, OW},
+                      x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     const PoolShape shape{x.size(0), x.size(2), x.size(3), x.size(1), kernel[0], kernel[1], stride[0], stride[1],
@@ -159,7 +148,7 @@ at::Tensor global_avg_pool_cpu(const at::Tensor& x_in) {
   check_float(x_in, "global_avg_pool");
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
   TORCH_CHECK(HW > 0, "bsconv_fast::global_avg_pool: x has no pixels (", x_in.sizes(), ")");
-  auto y = output({N, C, 1, 1}, x_in.options());
+  auto y = new_output({N, C, 1, 1}, x_in.options());
   if (y.numel() == 0) return y;
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_global_avg_pool", [&] {

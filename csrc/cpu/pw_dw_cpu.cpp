@@ -887,6 +887,23 @@ bool poison_outputs() {
   return poison;
 }
 
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto y = at::empty(sizes, options);
+  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  return y;
+}
+
+void check_channel_operands(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const char* op,
+                            const char* names) {
+  for (const auto* v : {&a, &b}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(1) && v->scalar_type() == x.scalar_type() &&
+                    v->device() == x.device(),
+                "bsconv_fast::", op, ": ", names, " must have shape (", x.size(1), "), dtype ", x.scalar_type(),
+                ", got ", v->sizes(), " ", v->scalar_type(), " (and x's device ", x.device(), ", got ", v->device(),
+                ")");
+  }
+}
+
 const char* kernel_isa() {
   switch (cpu_isa()) {
     case Isa::kAvx512: return "avx512";
@@ -963,9 +980,8 @@ Operands<T> packed_operands(const Geometry& g, const at::Tensor& packed, const T
 template <typename Run>
 at::Tensor kernel_output(const at::Tensor& x_in, at::IntArrayRef sizes, const c10::optional<at::Tensor>& residual,
                          const char* op, const Run& run) {
-  auto y = at::empty(sizes, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = new_output(sizes, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor res = residual_operand(residual, y, op);
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (y.numel() > 0) {
     const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_cpu", [&] {
@@ -1162,17 +1178,11 @@ at::Tensor stem_output(const at::Tensor& x, at::IntArrayRef sizes, const c10::op
               ": in_scale and in_shift come together (an input affine x * in_scale + in_shift) or not at all");
   at::Tensor scale, shift;
   if (in_scale.has_value()) {
-    for (const auto* v : {&*in_scale, &*in_shift}) {
-      TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(1) && v->scalar_type() == x.scalar_type() &&
-                      v->device() == x.device(),
-                  "bsconv_fast::", op, ": in_scale and in_shift must have shape (", x.size(1), "), dtype ",
-                  x.scalar_type(), " and x's device, got ", v->sizes(), " ", v->scalar_type(), " ", v->device());
-    }
+    check_channel_operands(x, *in_scale, *in_shift, op, "in_scale and in_shift");
     scale = in_scale->contiguous();
     shift = in_shift->contiguous();
   }
-  auto y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  auto y = new_output(sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsconv_fast_stem", [&] {
     const bool in_place = !scale.defined() && x.is_contiguous(at::MemoryFormat::ChannelsLast);

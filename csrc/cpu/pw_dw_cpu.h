@@ -1,5 +1,7 @@
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 
 namespace bsconv_fast {
@@ -10,6 +12,12 @@ const char* kernel_isa();
 // BSCONV_FAST_POISON=1 (the test suite sets it): kernels fill their outputs with NaN before they
 // run, so that an element a kernel forgets to write fails the comparison.
 bool poison_outputs();
+// A new output tensor, NaN-filled under BSCONV_FAST_POISON=1: every CPU op allocates its output here.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The pair of per-channel operands (`names`, e.g. "scale and shift") of an op on x: shape (C), x's dtype
+// and device, else an error that names them and says what was expected.
+void check_channel_operands(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const char* op,
+                            const char* names);
 
 // k x k max pooling of a channels_last tensor (N, H, W, C) into (N, OH, OW, C), NaN winning as in
 // torch.max_pool2d, padding ignored: bsconv_fast::max_pool and the pooled stem share these kernels.
