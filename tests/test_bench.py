@@ -139,3 +139,25 @@ def test_ort_layers_script_prints_both_runtimes_layers(capsys):
     assert any("pw_dw_packed" in ln for ln in ours) and len(theirs) > len(ours)  # ORT splits pw and dw
     assert all(float(ln.split()[-1]) > 0 for ln in ours + theirs)
     assert lines[-1].startswith("# sums: bsconv_fast") and f"({len(ours)} calls)" in lines[-1]
+
+
+def test_gemm_vs_mkl_script_times_the_same_product(capsys):
+    """benchmarks/gemm_vs_mkl.py: both contenders compute the same product (the script checks it) and
+    each shape gets a line with both times and their ratio."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gemm_vs_mkl.py"
+    spec = importlib.util.spec_from_file_location("gemm_vs_mkl", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        script.main(["1", "19,37,5", "40,16,3"])  # odd sizes: a channel tail, a single micro-tile
+    finally:
+        torch.set_num_threads(threads)  # the script sets it; later tests need the default back
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("1x1 ")]
+    assert [ln.split(":")[0] for ln in lines] == ["1x1 19->37 @5", "1x1 40->16 @3"]
+    for ln in lines:
+        ours, mkl, ratio = float(ln.split("ours ")[1].split()[0]), float(ln.split("addmm ")[1].split()[0]), float(ln.split()[-1])
+        assert ours > 0.05 and mkl > 0.05
+        assert (mkl - 0.05) / (ours + 0.05) - 1e-3 <= ratio <= (mkl + 0.05) / (ours - 0.05) + 1e-3  # times print to 0.1 us
