@@ -13,9 +13,8 @@ import sys
 
 import torch
 
-import bsconv_fast._ext  # loads the ops
 from bsconv_fast import heap
-from bsconv_fast.bench import time_interleaved
+from bsconv_fast.bench import git_commit, machine_line, time_interleaved
 
 DEFAULT_SHAPES = ["32,64,112", "64,64,56", "128,128,28", "256,256,14", "512,512,14", "512,512,7", "1024,1024,7"]
 
@@ -42,7 +41,7 @@ def main(argv):
     shapes = argv[1:] or DEFAULT_SHAPES
     torch.set_num_threads(threads)
     heap.tune_malloc()
-    print(f"# {threads} thread(s), torch {torch.__version__}, kernel {bsconv_fast._ext.cpu_kernel_isa()}")
+    print(f"# {threads} thread(s); {machine_line()}; commit {git_commit()}")
     with torch.inference_mode():
         for spec in shapes:
             cin, cout, hw = (int(v) for v in spec.split(","))

@@ -118,21 +118,26 @@ def test_gpu_check_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
-def test_ort_layers_script_prints_both_runtimes_layers(capsys):
-    """benchmarks/ort_layers.py: every call of the frozen model and every ONNX Runtime node gets a row."""
-    pytest.importorskip("bsconv.pytorch")
-    pytest.importorskip("onnxruntime")
+def run_benchmark_script(name, argv):
+    """benchmarks/NAME.py's main(argv), loaded from its file; the thread count it sets is put back after."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "ort_layers.py"
-    spec = importlib.util.spec_from_file_location("ort_layers", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     threads = torch.get_num_threads()
     try:
-        script.main(["1", "cifar_mobilenetv1_w1d4_bsconvu", "1"])
+        script.main(argv)
     finally:
-        torch.set_num_threads(threads)  # the script sets it; later tests need the default back
+        torch.set_num_threads(threads)  # the scripts set it; later tests need the default back
+
+
+def test_ort_layers_script_prints_both_runtimes_layers(capsys):
+    """benchmarks/ort_layers.py: every call of the frozen model and every ONNX Runtime node gets a row."""
+    pytest.importorskip("bsconv.pytorch")
+    pytest.importorskip("onnxruntime")
+    run_benchmark_script("ort_layers", ["1", "cifar_mobilenetv1_w1d4_bsconvu", "1"])
     lines = capsys.readouterr().out.splitlines()
     ours = [ln for ln in lines if ln.startswith("bsconv_fast ")]
     theirs = [ln for ln in lines if ln.startswith("onnxruntime ")]
@@ -144,17 +149,7 @@ def test_ort_layers_script_prints_both_runtimes_layers(capsys):
 def test_gemm_vs_mkl_script_times_the_same_product(capsys):
     """benchmarks/gemm_vs_mkl.py: both contenders compute the same product (the script checks it) and
     each shape gets a line with both times and their ratio."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gemm_vs_mkl.py"
-    spec = importlib.util.spec_from_file_location("gemm_vs_mkl", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    threads = torch.get_num_threads()
-    try:
-        script.main(["1", "19,37,5", "40,16,3"])  # odd sizes: a channel tail, a single micro-tile
-    finally:
-        torch.set_num_threads(threads)  # the script sets it; later tests need the default back
+    run_benchmark_script("gemm_vs_mkl", ["1", "19,37,5", "40,16,3"])  # odd sizes: a channel tail, one micro-tile
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("1x1 ")]
     assert [ln.split(":")[0] for ln in lines] == ["1x1 19->37 @5", "1x1 40->16 @3"]
     for ln in lines:
