@@ -31,7 +31,9 @@ def fold_bn(weight, bn, bias=None):
 
 
 def bn_uses_batch_stats(bn):
-    return bn.training or bn.running_mean is None
+    buffers = bn.__dict__.get("_buffers", {})  # direct: asked on every call of a module with a BN
+    mean = buffers["running_mean"] if "running_mean" in buffers else bn.running_mean
+    return bn.training or mean is None
 
 
 class PackedInference:
@@ -100,7 +102,7 @@ class _FusedSequential(PackedInference, nn.Sequential):
         return x
 
     def _stage_bn(self):
-        return getattr(self, self._bn, None)
+        return self._modules.get(self._bn)  # direct: nn.Module.__getattr__ is slow on the hot path
 
     def _module_reason(self):
         """Why this module cannot run fused regardless of the input, or ''."""
@@ -148,8 +150,20 @@ class _FusedSequential(PackedInference, nn.Sequential):
         return any(p.requires_grad for p in self._source_tensors())
 
     def _source_tensors(self):
-        mods = [getattr(self, self._pw), self._stage_bn(), getattr(self, self._dw)]
-        return [t for m in mods if m is not None for t in list(m.parameters()) + list(m.buffers())]
+        # Read on every inference call (_packed_weights): a leaf child's tensors straight from its
+        # dicts, 10x cheaper than parameters() + buffers() (a BSConvU call spent ~20 us there, more
+        # than the op on a 7x7 layer). A child with children of its own (a parametrized weight)
+        # keeps its tensors there: the generic walk then.
+        tensors = []
+        for name in (self._pw, self._bn, self._dw):
+            m = self._modules.get(name)
+            if m is None:
+                continue
+            if m._modules:
+                tensors += list(m.parameters()) + list(m.buffers())
+            else:
+                tensors += [t for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        return tensors
 
     def _operands(self):
         weight, mid_bias = self._folded_weights()

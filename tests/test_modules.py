@@ -112,6 +112,31 @@ def test_inference_uses_packed_cache_and_sees_weight_updates():
         assert_close_to_reference(second, reference.double()(x.double()), 17 + 9, "after update")
 
 
+def test_packed_cache_sees_a_replaced_parameter_and_a_parametrized_weight():
+    """The cache check reads a leaf child's own dicts; a new Parameter object, or a weight that a
+    parametrization computes from tensors in a grandchild, must still refresh it."""
+    layer = bsconv_fast.BSConvU(6, 11, 3, padding=1).eval()
+    x = torch.randn(1, 6, 7, 5)
+    with torch.no_grad():
+        layer(x)
+        layer.dw.weight = torch.nn.Parameter(torch.randn_like(layer.dw.weight))
+        want = bsconv_fast.reference.bsconv_u(x.double(), layer.pw.weight.double(), layer.dw.weight.double(),
+                                              layer.dw.bias.double(), 1, 1)
+        assert_close_to_reference(layer(x), want, 6 + 9, "replaced dw weight")
+    torch.nn.utils.parametrize.register_parametrization(layer.pw, "weight", _Doubled())
+    with torch.no_grad():
+        for _ in range(2):  # second pass: after an in-place update of the parametrization's original
+            want = bsconv_fast.reference.bsconv_u(x.double(), layer.pw.weight.double(), layer.dw.weight.double(),
+                                                  layer.dw.bias.double(), 1, 1)
+            assert_close_to_reference(layer(x), want, 6 + 9, "parametrized pw weight")
+            layer.pw.parametrizations.weight.original.mul_(-0.5)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
 def test_grad_mode_uses_differentiable_op():
     layer = bsconv_fast.BSConvU(5, 7, 3, padding=1)
     x = torch.randn(1, 5, 6, 6)
