@@ -591,7 +591,8 @@ def optimize(model, channels_last=True, tune_malloc=True, verbose=False, freeze=
     channels_last on entry. The original model is left untouched.
 
     freeze: return bsconv_fast.freeze() of that copy, which replays the op calls of a recorded forward
-    without the per-layer Python (6-12% faster whole models at batch 1; see bsconv_fast.freeze).
+    without the per-layer Python (whole models at batch 1 measured 1.00-1.66x faster, more where Python is
+    slow; see bsconv_fast.freeze).
 
     tune_malloc: also set the process's glibc heap thresholds so that activations freed by one
     forward are reused by the next instead of page-faulting again (see bsconv_fast.heap; it is
