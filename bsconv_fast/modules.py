@@ -151,9 +151,9 @@ class _FusedSequential(PackedInference, nn.Sequential):
 
     def _source_tensors(self):
         # Read on every inference call (_packed_weights): a leaf child's tensors straight from its
-        # dicts, 10x cheaper than parameters() + buffers() (a BSConvU call spent ~20 us there, more
-        # than the op on a 7x7 layer). A child with children of its own (a parametrized weight)
-        # keeps its tensors there: the generic walk then.
+        # dicts, ~7x cheaper than parameters() + buffers() (21 vs 3 us measured; the whole op on a
+        # 16 -> 16 @4 layer takes ~9). A child with children of its own (a parametrized weight) keeps
+        # its tensors there: the generic walk then.
         tensors = []
         for name in (self._pw, self._bn, self._dw):
             m = self._modules.get(name)
