@@ -220,8 +220,9 @@ class BSConvS(_FusedSequential):
                                         groups=out_channels, bias=bias, padding_mode=padding_mode))
 
     def _prefix(self, x):
-        x = self.pw1(x)
-        bn1 = getattr(self, "bn1", None)
+        children = self._modules  # direct, as _stage_bn: this runs on every inference call
+        x = children["pw1"](x)
+        bn1 = children.get("bn1")
         return bn1(x) if bn1 is not None else x
 
     def _reg_loss(self):
