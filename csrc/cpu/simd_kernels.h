@@ -76,8 +76,9 @@ BSCONV_TARGET inline void with_act(int64_t act, F&& f) {
 
 // Where a GEMM micro-tile goes: `st(r, col, v)` stores vector v of pixel r, columns
 // [col, col + kLanes); `st.at(p)` is the same store moved p pixels on, `st.shifted(col)` col
-// channels on. Stores are passed by value: Python's build flags include -fno-strict-aliasing, so
-// through a reference every float store would force their fields to be reloaded (measured 2-3x).
+// channels on. The micro-kernel keeps its own copy (gemm_micro): Python's build flags include
+// -fno-strict-aliasing, so through a reference every float store would force the fields to be reloaded
+// (measured 2-3x).
 // The pointwise rows of the fused op: whole vectors into the ring (channels padded to kNR).
 template <int64_t ACT>
 struct RingStore {
@@ -97,7 +98,7 @@ struct RingStore {
 // The pointwise op's output: y = act(acc + residual), only the first `ncols` columns exist.
 template <int64_t ACT>
 struct OutStore {
-  static constexpr bool kOutOfLine = false;  // inlined: 0-2% faster for the 1x1 op (measured)
+  static constexpr bool kOutOfLine = false;  // left to the compiler: 0-2% faster for the 1x1 op (measured)
   float* y;
   const float* res;  // nullptr: no residual
   int64_t ldc, ncols;
@@ -130,9 +131,20 @@ struct Panels {
 // PF: prefetch the next tile's pixels (one line every other k step: a tile of contiguous pixels
 // spans MR * K / 16 lines, at most K / 2 for MR = 8). LEN > 0: runs.len is LEN. PFW: prefetch into L2
 // one line from pfw per k step (gemm_columns_pf).
+// The column block's operands come by reference and the tile's store as the block's store plus the tile's
+// first pixel p. GCC does not inline this kernel, and passed by value, a tile's store built in the caller (a
+// 32-byte OutStore written field by field, then copied into the call's stack arguments with one 32-byte load;
+// the Runs likewise) made that load wait for the store buffer to drain, the previous tile's 24 output vectors
+// included: up to ~200 cycles a tile, 12% of a 1x1 op's samples. Measured (standalone A/B, both variants in
+// one binary, 1 / 2 threads): 1x1 64 -> 64 @56 0.90 / 0.94x the time, 64 -> 128 @28 0.94 / 0.92x, 144 -> 24
+// @56 0.96 / 0.98x, K >= 384 0.99-1.01x; the 7x7 stem with its pooling 0.97-0.98 / 0.99x; fused 64 -> 64 @56
+// 0.88 / 0.93x and ResNet-18's 64-channel pair 0.94 / 0.93x. In the extension (old and new kernels in one
+// library, alternating rounds): whole models 0.959-0.977x the time on 1 thread, 0.968-0.985x on 2; layer suite
+// (batch 1, 2 threads) geomean 0.976x, 0.925-0.999x.
 template <int MR, int NV, bool PF, int LEN, bool PFW = false, typename Store>
-BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<NV> w, const Runs runs,
-                                     const Store st, const float* pfw = nullptr) {
+BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<NV>& w, const Runs& runs,
+                                     const Store& block, int64_t p, const float* pfw = nullptr) {
+  const Store st = block.at(p);
   const float* next = a + MR * lda;
   const int64_t len = LEN > 0 ? LEN : runs.len;
   static_assert(MR <= 12 && NV >= 1 && NV <= 4 && MR * NV <= 24, "micro-tile too large");
@@ -185,19 +197,19 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<N
 
 // gemm_micro as a call of its own where the Store asks for it.
 template <int MR, int NV, bool PF, int LEN, bool PFW = false, typename Store>
-BSCONV_TARGET __attribute__((noinline)) void gemm_micro_call(const float* a, int64_t lda, const Panels<NV> w,
-                                                           const Runs runs, const Store st,
+BSCONV_TARGET __attribute__((noinline)) void gemm_micro_call(const float* a, int64_t lda, const Panels<NV>& w,
+                                                           const Runs& runs, const Store& st, int64_t p,
                                                            const float* pfw = nullptr) {
-  gemm_micro<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, pfw);
+  gemm_micro<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, p, pfw);
 }
 
 template <int MR, int NV, bool PF, int LEN, bool PFW = false, typename Store>
-BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const Panels<NV> w, const Runs runs,
-                                    const Store st, const float* pfw = nullptr) {
+BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const Panels<NV>& w, const Runs& runs,
+                                    const Store& st, int64_t p, const float* pfw = nullptr) {
   if constexpr (Store::kOutOfLine) {
-    gemm_micro_call<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, pfw);
+    gemm_micro_call<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, p, pfw);
   } else {
-    gemm_micro<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, pfw);
+    gemm_micro<MR, NV, PF, LEN, PFW>(a, lda, w, runs, st, p, pfw);
   }
 }
 
@@ -216,15 +228,14 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t mr = base + (t < plus_one);
     const float* ap = a + p * lda;
-    const Store sp = st.at(p);
     if (mr == kTile) {
-      gemm_tile<kTile, NV, PF, LEN>(ap, lda, w, runs, sp);
+      gemm_tile<kTile, NV, PF, LEN>(ap, lda, w, runs, st, p);
     } else if (mr == kTile - 1) {
-      gemm_tile<kTile - 1, NV, PF, LEN>(ap, lda, w, runs, sp);
+      gemm_tile<kTile - 1, NV, PF, LEN>(ap, lda, w, runs, st, p);
     } else {
       switch (mr) {
 #define BSCONV_TAIL(r) \
-  case r: gemm_tile<(r < kTile - 1 ? r : 1), NV, false, 0>(ap, lda, w, runs, sp); break;
+  case r: gemm_tile<(r < kTile - 1 ? r : 1), NV, false, 0>(ap, lda, w, runs, st, p); break;
         BSCONV_TAIL(1) BSCONV_TAIL(2) BSCONV_TAIL(3) BSCONV_TAIL(4) BSCONV_TAIL(5) BSCONV_TAIL(6)
 #undef BSCONV_TAIL
         default: break;
@@ -253,9 +264,9 @@ BSCONV_TARGET inline void gemm_columns_pf(const float* a, int64_t lda, const Run
     const int64_t mr = base + (t < plus_one);
     const float* pf = next + t * runs.len * kNR;
     if (mr == kMR) {
-      gemm_tile<kMR, NV, PF, 0, true>(a + p * lda, lda, w, runs, st.at(p), pf);
+      gemm_tile<kMR, NV, PF, 0, true>(a + p * lda, lda, w, runs, st, p, pf);
     } else if (mr == kMR - 1) {
-      gemm_tile<kMR - 1, NV, PF, 0, true>(a + p * lda, lda, w, runs, st.at(p), pf);
+      gemm_tile<kMR - 1, NV, PF, 0, true>(a + p * lda, lda, w, runs, st, p, pf);
     } else {
       gemm_columns<NV, PF, 0>(a + p * lda, lda, runs, mr, w, st.at(p));
     }
