@@ -98,7 +98,7 @@ struct RingStore {
 // The pointwise op's output: y = act(acc + residual), only the first `ncols` columns exist.
 template <int64_t ACT>
 struct OutStore {
-  static constexpr bool kOutOfLine = false;  // left to the compiler: 0-2% faster for the 1x1 op (measured)
+  static constexpr bool kOutOfLine = false;  // GCC inlines some: forced out of line, 1x1 op 0-2% slower
   float* y;
   const float* res;  // nullptr: no residual
   int64_t ldc, ncols;
@@ -137,7 +137,7 @@ struct Panels {
 // the Runs likewise) made that load wait for the store buffer to drain, the previous tile's 24 output vectors
 // included: up to ~200 cycles a tile, 12% of a 1x1 op's samples. Measured (standalone A/B, both variants in
 // one binary, 1 / 2 threads): 1x1 64 -> 64 @56 0.90 / 0.94x the time, 64 -> 128 @28 0.94 / 0.92x, 144 -> 24
-// @56 0.96 / 0.98x, K >= 384 0.99-1.01x; the 7x7 stem with its pooling 0.97-0.98 / 0.99x; fused 64 -> 64 @56
+// @56 0.96 / 0.98x, K >= 384 0.97-1.01x; the 7x7 stem with its pooling 0.97-0.98 / 0.99x; fused 64 -> 64 @56
 // 0.88 / 0.93x and ResNet-18's 64-channel pair 0.94 / 0.93x. In the extension (old and new kernels in one
 // library, alternating rounds): whole models 0.959-0.977x the time on 1 thread, 0.968-0.985x on 2; layer suite
 // (batch 1, 2 threads) geomean 0.976x, 0.925-0.999x.
