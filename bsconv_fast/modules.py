@@ -31,7 +31,7 @@ def fold_bn(weight, bn, bias=None):
 
 
 def bn_uses_batch_stats(bn):
-    buffers = bn.__dict__.get("_buffers", {})  # direct: asked on every call of a module with a BN
+    buffers = bn._buffers  # direct, not nn.Module.__getattr__: asked on every call of a module with a BN
     mean = buffers["running_mean"] if "running_mean" in buffers else bn.running_mean
     return bn.training or mean is None
 
