@@ -171,6 +171,10 @@ struct Panels {
 // 0.88 / 0.93x and ResNet-18's 64-channel pair 0.94 / 0.93x. In the extension (old and new kernels in one
 // library, alternating rounds): whole models 0.959-0.977x the time on 1 thread, 0.968-0.985x on 2; layer suite
 // (batch 1, 2 threads) geomean 0.976x, 0.925-0.999x.
+// Pixels of a full GEMM tile of NV channel vectors: 6 x 4 accumulators for 4-vector blocks, else kMR.
+template <int NV>
+constexpr int kTilePixels = NV == 4 ? 6 : kMR;
+
 template <int MR, int NV, bool PF, int LEN, bool PFW = false, typename Store>
 BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<NV>& w, const Runs& runs,
                                      const Store& block, int64_t p, const float* pfw = nullptr) {
@@ -229,7 +233,7 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<N
   // are few and keep the store's own checks: the two more epilogues in every instance had cost 21% more
   // compile time and 38% more compiler memory for this file. (One whole-tile epilogue testing the residual
   // per vector instead: GCC unswitched it anyway, after computing and spilling the 24 addresses.)
-  if constexpr (MR + 1 >= (NV == 4 ? 6 : kMR)) {
+  if constexpr (MR + 1 >= kTilePixels<NV>) {
     st.for_tile(NV * kLanes, store_tile);
   } else {
     store_tile(st);
@@ -261,7 +265,7 @@ BSCONV_TARGET inline void gemm_tile(const float* a, int64_t lda, const Panels<NV
 template <int NV, bool PF, int LEN, typename Store>
 BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs runs, int64_t npix,
                                        const Panels<NV> w, const Store st) {
-  constexpr int kTile = NV == 4 ? 6 : kMR;  // 6 x 4 accumulators
+  constexpr int kTile = kTilePixels<NV>;
   const int64_t tiles = ceil_div(npix, kTile);
   // tiles of base pixels, the first plus_one of them one more
   const int64_t base = tiles > 0 ? npix / tiles : 0, plus_one = tiles > 0 ? npix % tiles : 0;
