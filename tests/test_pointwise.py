@@ -30,8 +30,8 @@ GRID = [
     (2, 20, 61, 5, 7, 1),    # the same block with a channel tail
     (1, 33, 128, 9, 13, 1),  # 128 channels: two such blocks
     (2, 20, 125, 5, 7, 1),   # the same with a channel tail
-    (1, 241, 963, 1, 1, 1),  # squeeze-excitation sizes: under 300K multiply-adds, split over threads
-    (1, 963, 241, 1, 1, 1),  # as weight-bound (kWeightBoundPixels)
+    (1, 241, 963, 1, 1, 1),  # squeeze-excitation sizes: under 300K multiply-adds, split over the
+    (1, 963, 241, 1, 1, 1),  # threads (two or more) as weight-bound (kWeightBoundPixels)
 ]
 
 

@@ -532,7 +532,7 @@ constexpr int64_t kPwPixels = 192;  // pixels per GEMM call: their input rows st
 // A 1x1 op on fewer pixels than this is bound by reading its weights, not by its multiply-adds, and
 // asks threads_for for threads as if it had this many pixels: the 1-pixel excitation convolutions of
 // MobileNetV3's squeeze-excitation units (480 <-> 120 to 960 <-> 240, 0.2-0.9 MB of weights, below 300K
-// multiply-adds) streamed their weights on one thread at 8-9 GB/s. Measured (A/B in one process, 2
+// multiply-adds) streamed their weights on one thread at 8-11 GB/s. Measured (A/B in one process, 2
 // threads): those ten calls 24-87 us -> 17-52 us, mobilenetv3_large 0.949x and 0.963x the time; 1
 // thread unchanged. (4 pixels, which left the 480-channel units on one thread, ran 1.017x the time of 16.)
 constexpr int64_t kWeightBoundPixels = 16;
