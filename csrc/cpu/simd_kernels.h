@@ -231,7 +231,7 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<N
   };
   // Full tiles (gemm_columns' kTile and kTile - 1 pixels) ask the store once (for_tile); the short tails
   // are few and keep the store's own checks: the two more epilogues in every instance had cost 21% more
-  // compile time and 38% more compiler memory for this file. (One whole-tile epilogue testing the residual
+  // compile time and 39% more compiler memory for this file. (One whole-tile epilogue testing the residual
   // per vector instead: GCC unswitched it anyway, after computing and spilling the 24 addresses.)
   if constexpr (MR + 1 >= kTilePixels<NV>) {
     st.for_tile(NV * kLanes, store_tile);
