@@ -73,6 +73,31 @@ def test_in_place_weight_update_is_seen():
         assert torch.equal(frozen(x), after)
 
 
+def test_the_last_programs_own_guards_send_other_calls_to_the_slow_path():
+    # forward first offers the inputs to the C++ program that ran last (run_if_expected), which checks
+    # the signature and autograd itself: other strides, shapes or a grad input must not run it
+    model = _model()
+    frozen = bsconv_fast.freeze(model)
+    calls = _Counter(_first_fused(model))
+    x = torch.randn(1, 3, 39, 43)
+    others = (x.contiguous(memory_format=torch.channels_last),  # same shape, other strides
+              torch.randn(1, 3, 43, 39))  # the transposed shape
+    with torch.no_grad():
+        want = model(x)
+        frozen(x)
+        n = calls.n
+        assert torch.equal(frozen(x), want) and calls.n == n
+        for other in others:
+            expected = model(other)
+            assert torch.equal(frozen(other), expected)  # recorded for its own signature
+            assert torch.equal(frozen(other), expected)
+        assert len(frozen.programs()) == 3
+        n = calls.n
+        assert torch.equal(frozen(x), want) and calls.n == n  # the first program again, replayed
+    y = frozen(x.clone().requires_grad_())  # grad mode on and an input that requires grad: the model
+    assert y.requires_grad and calls.n == n + 1
+
+
 def test_guards_send_autograd_and_dtype_changes_to_the_model():
     model = _model()
     frozen = bsconv_fast.freeze(model)
