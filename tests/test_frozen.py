@@ -98,6 +98,19 @@ def test_the_last_programs_own_guards_send_other_calls_to_the_slow_path():
     assert y.requires_grad and calls.n == n + 1
 
 
+def test_torch_compile_traces_the_model_not_the_replay():
+    # under torch.compile neither the last program's fast path nor a replay may run: fullgraph=True
+    # fails on the opaque C++ call, and the model's own ops are what the graph must hold
+    module = nn.Sequential(B.BSConvU(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    randomize_bn(module, 0.2, (0.5, 1.5), 0.3)
+    frozen = bsconv_fast.optimize(module, freeze=True, tune_malloc=False)
+    x = torch.randn(1, 8, 9, 11)
+    with torch.no_grad():
+        want = frozen(x)
+        assert torch.equal(frozen(x), want) and frozen.__dict__["_fast"] is not None  # replayed from C++
+        assert torch.equal(torch.compile(frozen, fullgraph=True, backend="eager")(x), want)
+
+
 def test_guards_send_autograd_and_dtype_changes_to_the_model():
     model = _model()
     frozen = bsconv_fast.freeze(model)
