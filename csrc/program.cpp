@@ -113,13 +113,12 @@ class Program {
       }
       tensors.push_back(t);
     }
-    if (!current()) return py::none();
-    at::Tensor out;
+    std::optional<at::Tensor> out;
     {
       py::gil_scoped_release no_gil;
-      out = execute(tensors, nullptr);
+      out = run(tensors);
     }
-    return py::cast(std::move(out));
+    return out.has_value() ? py::cast(std::move(*out)) : py::none();
   }
 
   // One run with each step timed: (op name, seconds) per step, in order.
