@@ -73,19 +73,26 @@ if _ext.available():
         cp = -(-cout // 16) * 16
         return weight.new_empty((cp * cin + 2 * cp,))
 
+    @torch.library.register_fake("bsconv_fast::pack_winograd")
+    def _pack_winograd_fake(weight, bias):
+        cout, cin = weight.shape[:2]
+        cp = -(-cout // 16) * 16
+        return weight.new_empty((49 * 4 * cin * cp + 2 * cp,))
+
     @torch.library.register_fake("bsconv_fast::pw_packed")
     def _pw_packed_fake(x, packed, out_channels, stride, act, residual):
         return empty_output(x, out_shape(x, out_channels, (1, 1), stride, (0, 0), (1, 1)))
 
     # The stems write channels_last whatever x's layout (they read an NCHW image as it is).
     @torch.library.register_fake("bsconv_fast::conv_packed")
-    def _conv_packed_fake(x, packed, out_channels, kernel, stride, padding, act, in_scale=None, in_shift=None):
+    def _conv_packed_fake(x, packed, out_channels, kernel, stride, padding, act, in_scale=None, in_shift=None,
+                          winograd=False):
         shape = out_shape(x, out_channels, kernel, stride, padding, (1, 1))
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("bsconv_fast::conv_pool_packed")
     def _conv_pool_packed_fake(x, packed, out_channels, kernel, stride, padding, act, pool_kernel, pool_stride,
-                               pool_padding, in_scale=None, in_shift=None):
+                               pool_padding, in_scale=None, in_shift=None, winograd=False):
         n, _, h, w = out_shape(x, out_channels, kernel, stride, padding, (1, 1))
         shape = (n, out_channels, conv_out_size(h, pool_kernel[0], pool_stride[0], pool_padding[0], 1),
                  conv_out_size(w, pool_kernel[1], pool_stride[1], pool_padding[1], 1))

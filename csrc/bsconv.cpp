@@ -38,10 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, int64_t, const OptTensor&)>::bind(
                          "bsconv_fast::pw_packed"));
   m.def("conv_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
-                                    int64_t, const OptTensor&, const OptTensor&)>::bind("bsconv_fast::conv_packed"));
+                                    int64_t, const OptTensor&, const OptTensor&, bool)>::bind("bsconv_fast::conv_packed"));
   m.def("conv_pool_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
                                          int64_t, IntArrayRef, IntArrayRef, IntArrayRef, const OptTensor&,
-                                         const OptTensor&)>::bind("bsconv_fast::conv_pool_packed"));
+                                         const OptTensor&, bool)>::bind("bsconv_fast::conv_pool_packed"));
   m.def("channel_affine",
         Typed<Tensor(const Tensor&, const Tensor&, const Tensor&)>::bind("bsconv_fast::channel_affine"));
   m.def("max_pool",
@@ -86,13 +86,17 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // padding) + bias), `packed` = pack_pw of the weight permuted to (Cout, KH, KW, Cin), x' = x * in_scale[c]
   // + in_shift[c] when they are given (an input BatchNorm; the zero padding applies to x'), else x. The
   // output is channels_last whatever x's layout (an NCHW x is read as it is, not copied first).
+  // winograd=True (float32, a 7x7 kernel with stride 2 and padding 3, Cin <= 4: the ResNet stem): Winograd's
+  // F(4x4, 4x4) on the space-to-depth image, `packed` = pack_winograd(weight, bias); float32 error ~10x the
+  // direct summation's, and a NaN or inf input spreads over the 4x4 output tiles that read it.
   m.def("conv_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
-        "int act, Tensor? in_scale=None, Tensor? in_shift=None) -> Tensor");
+        "int act, Tensor? in_scale=None, Tensor? in_shift=None, bool winograd=False) -> Tensor");
+  m.def("pack_winograd(Tensor weight, Tensor? bias) -> Tensor");
   // The same followed by max pooling (the ResNet stem), in one pass: max_pool2d(conv_packed(...),
   // pool_kernel, pool_stride, pool_padding).
   m.def("conv_pool_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
         "int act, int[2] pool_kernel, int[2] pool_stride, int[2] pool_padding, Tensor? in_scale=None, "
-        "Tensor? in_shift=None) -> Tensor");
+        "Tensor? in_shift=None, bool winograd=False) -> Tensor");
   // The memory-bound ops around them (inference, CPU; csrc/cpu/glue_cpu.cpp): y = x * scale[c] +
   // shift[c] written channels_last (an eval BatchNorm on the network input), k x k max pooling, and
   // the mean over H x W as an (N, C, 1, 1) tensor.

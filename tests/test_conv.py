@@ -165,6 +165,107 @@ def test_pooled_stem_opcheck_and_bad_arguments():
         torch.ops.bsconv_fast.conv_pool_packed(*args, [3, 3], [2, 2], [1, 1], scale, None)
 
 
+# The Winograd stem (winograd=True: 7x7, stride 2, padding 3, Cin <= 4), (n, cin, cout, h, w): outputs that
+# are not whole 4x4 tiles (tiles leave the image on the right and at the bottom), 1 to 4 input channels,
+# channels off the 16-channel panels, images taller than one window of converted rows, batch 0.
+WINOGRAD_GRID = [(1, 3, 64, 45, 37), (2, 3, 24, 37, 53), (2, 1, 70, 19, 23), (1, 4, 16, 9, 7), (1, 2, 33, 30, 31),
+                 (3, 3, 64, 67, 41), (0, 3, 16, 9, 9)]
+needs_simd = pytest.mark.skipif(bsconv_fast._ext.available() and bsconv_fast._ext.cpu_kernel_isa() == "scalar",
+                                reason="the Winograd stem runs on the AVX2 / AVX-512 kernels")
+
+
+def _winograd_stem(x, weight, bias, pool, act, scale=None, shift=None):
+    packed = torch.ops.bsconv_fast.pack_winograd(weight, bias)
+    args = (x, packed, weight.shape[0], [7, 7], [2, 2], [3, 3], act)
+    if pool:
+        return torch.ops.bsconv_fast.conv_pool_packed(*args, [3, 3], [2, 2], [1, 1], scale, shift, True)
+    return torch.ops.bsconv_fast.conv_packed(*args, scale, shift, True)
+
+
+def _stem_reference(x, weight, bias, pool, act, scale=None, shift=None):
+    xd = x.double() if scale is None else _with_affine(x, scale, shift)
+    y = reference.activation(F.conv2d(xd, weight.double(), bias.double(), 2, 3), act)
+    return F.max_pool2d(y, 3, 2, 1) if pool else y
+
+
+@needs_simd
+@pytest.mark.parametrize("case", WINOGRAD_GRID, ids=[str(i) for i in range(len(WINOGRAD_GRID))])
+@pytest.mark.parametrize("pool", [False, True], ids=["conv", "pool"])
+@pytest.mark.parametrize("layout,affine,act", [("nchw", False, 1), ("cl", False, 0), ("nchw", True, 4),
+                                               ("strided", True, 1)])
+def test_winograd_stem_matches_the_direct_convolution(case, pool, layout, affine, act):
+    n, cin, cout, h, w = case
+    x, weight, bias = _problem(n, cin, cout, h, w, 7)
+    x = _layout(x, layout)
+    scale, shift = _affine(cin) if affine else (None, None)
+    out = _winograd_stem(x, weight, bias, pool, act, scale, shift)
+    assert_close_to_reference(out, _stem_reference(x, weight, bias, pool, act, scale, shift), cin * 49,
+                              f"{case} {layout}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_simd
+def test_winograd_stem_keeps_every_nan_of_the_reference():
+    """A NaN input makes NaN every output whose window reads it, and, through the transforms, the other
+    outputs of the 4x4 tiles that read it: a superset of the reference's, the rest unchanged."""
+    x, weight, bias = _problem(1, 3, 32, 41, 43, 7)
+    x[0, 1, 20, 17] = float("nan")
+    for pool in (False, True):
+        out = _winograd_stem(x, weight, bias, pool, 1)
+        want = _stem_reference(x, weight, bias, pool, 1)
+        assert want.isnan().any() and out.isnan()[want.isnan()].all()
+        finite = ~out.isnan()
+        assert finite.sum() > 0.8 * out.numel()
+        assert_close_to_reference(out[finite], want[finite], 147, f"finite outputs, pool={pool}")
+
+
+@needs_simd
+def test_winograd_stem_opcheck_and_bad_arguments():
+    x, weight, bias = _problem(2, 3, 10, 19, 17, 7)
+    packed = torch.ops.bsconv_fast.pack_winograd(weight, bias)
+    torch.library.opcheck(torch.ops.bsconv_fast.pack_winograd.default, (weight, bias))
+    args = (x, packed, 10, [7, 7], [2, 2], [3, 3], 1)
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_packed.default, (*args, None, None, True))
+    torch.library.opcheck(torch.ops.bsconv_fast.conv_pool_packed.default,
+                          (*args, [3, 3], [2, 2], [1, 1], *_affine(3), True))
+    with pytest.raises(RuntimeError, match=r"winograd=True takes a float32 7x7 convolution with stride 2, padding 3"):
+        torch.ops.bsconv_fast.conv_packed(x, packed, 10, [7, 7], [1, 1], [3, 3], 1, None, None, True)
+    with pytest.raises(RuntimeError, match="winograd=True takes a float32"):
+        torch.ops.bsconv_fast.conv_packed(x.double(), packed.double(), 10, [7, 7], [2, 2], [3, 3], 1, None, None,
+                                          True)
+    with pytest.raises(RuntimeError, match="packed must be the contiguous buffer bsconv_fast::pack_winograd gives"):
+        torch.ops.bsconv_fast.conv_packed(x, _packed(weight, bias), 10, [7, 7], [2, 2], [3, 3], 1, None, None, True)
+    with pytest.raises(RuntimeError, match=r"pack_winograd: weight must have shape \(Cout, Cin, 7, 7\)"):
+        torch.ops.bsconv_fast.pack_winograd(torch.randn(10, 5, 7, 7), None)
+    with pytest.raises(RuntimeError, match="pack_winograd: weight must be float32"):
+        torch.ops.bsconv_fast.pack_winograd(weight.double(), None)
+    with pytest.raises(RuntimeError, match=r"pack_winograd: bias must have shape \(10\)"):
+        torch.ops.bsconv_fast.pack_winograd(weight, torch.randn(11))
+
+
+@needs_simd
+def test_optimize_runs_the_resnet_stem_by_winograd_unless_told_not_to():
+    B = pytest.importorskip("bsconv.pytorch")
+    model = B.get_model("resnet10_bsconvu", num_classes=10).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    x = torch.randn(2, 3, 45, 51)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    for winograd, backend in ((True, "cpu-conv-winograd"), (False, "cpu-conv ")):
+        fast = bsconv_fast.optimize(model, winograd=winograd)
+        assert fast.backbone.init_unit.winograd is winograd
+        assert bsconv_fast.explain(fast, x).backends()["backbone.init_unit"].startswith(backend)
+        with torch.inference_mode():
+            assert_close_to_reference(fast(x), want, 3 * 49, f"winograd={winograd}")
+    stem = fast.backbone.init_unit
+    with torch.inference_mode():
+        direct = stem(x)
+        stem.winograd = True  # packs again for the Winograd kernel
+        assert not torch.equal(stem(x), direct) and torch.allclose(stem(x), direct, rtol=1e-4, atol=1e-4)
+    small = FusedConv(torch.randn(8, 3, 3, 3), None, (2, 2), (1, 1))  # a 3x3 stem: Winograd does not apply
+    assert small.winograd is False
+
+
 @pytest.mark.parametrize("act", sorted(reference.ACTIVATIONS.values()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_module_activations_and_dtypes(act, dtype):

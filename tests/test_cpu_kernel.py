@@ -161,6 +161,18 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     want = torch.nn.functional.max_pool2d(
         torch.relu(torch.nn.functional.conv2d(x7a, w7.double(), b.double(), 2, 3)), 3, 2, 1)
     assert_close_to_reference(stem7, want, 147, "7x7 stem, input affine " + str(case))
+    # the same by Winograd's F(4x4, 4x4): on the SIMD kernels only, which the scalar ones say by name
+    wino_args = (x7, torch.ops.bsconv_fast.pack_winograd(w7, b), cout, [7, 7], [2, 2], [3, 3], 1, [3, 3], [2, 2],
+                 [1, 1], s7, t7, True)
+    if bsconv_fast._ext.cpu_kernel_isa() == "scalar":
+        try:
+            torch.ops.bsconv_fast.conv_pool_packed(*wino_args)
+            raise AssertionError("the scalar kernels ran winograd=True")
+        except RuntimeError as e:
+            assert "winograd=True needs the AVX2 or AVX-512 kernels" in str(e), str(e)
+    else:
+        assert_close_to_reference(torch.ops.bsconv_fast.conv_pool_packed(*wino_args), want, 147,
+                                  "Winograd stem " + str(case))
     # max pooling (NaN winning) alone and after the stem: full 16-channel vectors and a tail
     z = torch.randn(n, cout, h + 2, w + 1).contiguous(memory_format=torch.channels_last)
     z[0, cout - 1, 1, 2] = float("nan")

@@ -42,6 +42,10 @@ constexpr int kMaxFixedKernel = 5;  // largest kernel with a specialised depthwi
 constexpr int kMaxPoolKernel = 16;  // largest max-pooling window height conv_pool_packed takes
 constexpr int kStemRun = 21;        // KW * Cin of the 7x7 RGB stem: a GEMM run length compiled in
 constexpr int kSmallStemRun = 9;    // KW * Cin of the 3x3 RGB stems: the same
+constexpr int64_t kWinogradLanes = 16;  // floats per position of the Winograd stem's Q image (4 * Cin <= 16)
+#define BSCONV_WINOGRAD_WEIGHTS
+#include "winograd_f4x4_4x4.h"
+#undef BSCONV_WINOGRAD_WEIGHTS
 
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4 };
 
@@ -96,6 +100,8 @@ inline void valid_taps(const Geometry& g, int64_t ow, int64_t* lo, int64_t* hi) 
 // ---------------------------------------------------------------- scalar kernels
 template <typename T>
 struct ScalarKernels {
+  static constexpr bool kWinograd = false;  // the Winograd stem runs on the SIMD kernels only
+
   // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
   static void pw_rows(const Geometry& g, const Operands<T>& o, const T* a, int64_t npix,
                       int64_t c0, int64_t cg, T* out) {
@@ -770,6 +776,135 @@ void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>
   });
 }
 
+// ---------------------------------------------------------------- Winograd stem
+// conv_packed / conv_pool_packed with winograd=True: the ResNet stem (7x7, stride 2, padding 3, few input
+// channels) by Winograd's F(4x4, 4x4) (Lavin & Gray 2016). The stride-2 7x7 convolution of Cin channels is
+// a stride-1 4x4 convolution of the 4 * Cin channels of the space-to-depth image
+// Q[y][x][(pr, pc, c)] = x[2y + pr - 3][2x + pc - 3][c] (zero-padded) with the kernel taps
+// w[co][c][2a + pr][2b + pc] (zero where 2a + pr or 2b + pc is 7): 192 taps for 147. F(4x4, 4x4) turns a
+// 4 x 4 tile of its outputs into 49 multiply-adds per channel pair where the direct convolution takes 16 x 147:
+// per output pixel of a 3 -> 64 stem 2352 multiply-adds instead of 9408, plus the transforms of the 7 x 7
+// input tiles (B^T d B, on 16-lane Q positions) and of the 49-point results (A^T M A). The 49 GEMMs (tiles x
+// 4 * Cin times 4 * Cin x Cout, one per point) run on the 1x1 op's micro-kernel. Measured (ResNet-18's stem,
+// 224 x 224 -> 112 x 112 x 64, standalone prototype, 1 / 2 threads): 1060 / 650 us, where the direct
+// convolution here ran at 93% of the FMA peak (~2500 / ~1240 us). Float32 error against float64, relative:
+// 1.4e-6 (direct summation 1.4e-7); a NaN or inf input spreads over the tiles that read it.
+struct WinogradShape {
+  int64_t TH, TW, QW, KQ;  // tile rows and columns, Q positions per row, Q channels the GEMMs read (4 * Cin)
+};
+
+WinogradShape winograd_shape(const ConvGeometry& g) {
+  const int64_t TW = ceil_div(g.OW, 4);
+  return {ceil_div(g.OH, 4), TW, 4 * TW + 3, 4 * g.Cin};
+}
+
+// pack_winograd's buffer: U[49 points][Cp / kNR][4 * Cin][kNR] (each point's weights in the 1x1 op's panel
+// layout), then Cp zeros (the GEMMs' bias) and the bias [Cp].
+int64_t winograd_packed_numel(int64_t Cin, int64_t Cp) { return 49 * 4 * Cin * Cp + 2 * Cp; }
+
+// Floats of one thread's work on a tile row: Q (7 rows), V (49 points x TW tiles x 16 lanes), M (49 x TW x
+// Cp), the transforms' scratch; each a multiple of 16 floats, so each stays 64-byte aligned.
+int64_t winograd_scratch(const WinogradShape& s, int64_t Cp) {
+  return 7 * s.QW * kWinogradLanes + 49 * s.TW * (kWinogradLanes + Cp) + 49 * kWinogradLanes;
+}
+
+// Q rows 4J .. 4J + 6 of image n into q (7 x QW positions of kWinogradLanes floats).
+template <typename K, typename Rows>
+void winograd_q(const ConvGeometry& g, const WinogradShape& s, Rows& rows, int64_t n, int64_t J, float* q) {
+  const int64_t qrow = s.QW * kWinogradLanes, ih0 = 8 * J - g.ph;  // ih0: the input row of Q row 4J, phase 0
+  std::fill(q, q + 7 * qrow, 0.f);
+  rows.need(n, std::clamp<int64_t>(ih0, 0, g.H), std::clamp<int64_t>(ih0 + 14, 0, g.H));
+  for (int64_t y = 0; y < 7; ++y) {
+    for (int64_t pr = 0; pr < 2; ++pr) {
+      const int64_t ih = ih0 + 2 * y + pr;
+      if (ih >= 0 && ih < g.H) K::winograd_q_row(rows(n, ih), g.W, g.Cin, g.pw, s.QW, q + y * qrow + pr * 2 * g.Cin);
+    }
+    if (ih0 + 2 * y < g.H && ih0 + 2 * y + 1 >= g.H && ih0 + 2 * y >= 0) {  // phase 1 below the image: its lanes
+      for (int64_t x = 0; x < s.QW; ++x) {                                      // hold phase 0's 8-wide copies
+        std::fill(q + y * qrow + x * kWinogradLanes + 2 * g.Cin, q + y * qrow + x * kWinogradLanes + 8, 0.f);
+      }
+    }
+  }
+}
+
+// Convolution rows 4J .. 4J + 3 of image n (those above OH): row oh goes to out_row(oh) (OW x Cout).
+template <typename K, typename Rows, typename OutRow>
+void winograd_tile_row(const ConvGeometry& g, const WinogradShape& s, const float* packed, Rows& rows, int64_t n,
+                       int64_t J, const OutRow& out_row, float* scratch) {
+  float* const q = scratch;
+  float* const v = q + 7 * s.QW * kWinogradLanes;
+  float* const m = v + 49 * s.TW * kWinogradLanes;
+  float* const tmp = m + 49 * s.TW * g.Cp;
+  winograd_q<K>(g, s, rows, n, J, q);
+  for (int64_t t = 0; t < s.TW; ++t) {
+    K::winograd_input(q + 4 * t * kWinogradLanes, s.QW * kWinogradLanes, v + t * kWinogradLanes,
+                      s.TW * kWinogradLanes, tmp);
+  }
+  const float* const zeros = packed + 49 * s.KQ * g.Cp;
+  for (int64_t p = 0; p < 49; ++p) {
+    K::pw_out(v + p * s.TW * kWinogradLanes, kWinogradLanes, Runs{1, s.KQ, 0}, s.TW, packed + p * s.KQ * g.Cp, zeros,
+              0, g.Cp, g.Cp, kIdentity, m + p * s.TW * g.Cp, nullptr);
+  }
+  const int64_t nrows = std::min<int64_t>(4, g.OH - 4 * J);
+  float* rows_out[4];
+  for (int64_t a = 0; a < nrows; ++a) rows_out[a] = out_row(4 * J + a);
+  for (int64_t t = 0; t < s.TW; ++t) {
+    float* const out[4] = {rows_out[0] + 4 * t * g.Cout, nrows > 1 ? rows_out[1] + 4 * t * g.Cout : nullptr,
+                           nrows > 2 ? rows_out[2] + 4 * t * g.Cout : nullptr,
+                           nrows > 3 ? rows_out[3] + 4 * t * g.Cout : nullptr};
+    K::winograd_output(m + t * g.Cp, s.TW * g.Cp, zeros + g.Cp, g.act, g.Cout, out, nrows,
+                       std::min<int64_t>(4, g.OW - 4 * t), tmp);
+  }
+}
+
+int64_t stem_macs(const ConvGeometry& g) { return g.N * g.OH * g.OW * g.KH * g.KW * g.Cin * g.Cp; }
+
+// Tile rows split over threads in contiguous runs.
+template <typename K>
+void run_conv_winograd(const ConvGeometry& g, const StemInput<float>& in, const float* packed, float* y) {
+  const WinogradShape s = winograd_shape(g);
+  const int64_t items = g.N * s.TH, threads = threads_for(stem_macs(g)), work = winograd_scratch(s, g.Cp);
+  at::parallel_for(0, items, ceil_div(items, threads), [&](int64_t i0, int64_t i1) {
+    float* const scratch = thread_scratch<float>(work + window_elems(g, in.in_place));
+    with_rows<float, K>(g, in, scratch + work, [&](auto& src) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / s.TH;
+        const auto out_row = [&](int64_t oh) { return y + (n * g.OH + oh) * g.OW * g.Cout; };
+        winograd_tile_row<K>(g, s, packed, src, n, i % s.TH, out_row, scratch);
+      }
+    });
+  });
+}
+
+// Pooled rows split over threads, as run_conv_pool; the convolution rows go to a ring of pool-window + 3
+// rows (a tile row makes 4 at once; the window's rows and the tile row just made always fit).
+template <typename K>
+void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const StemInput<float>& in,
+                            const float* packed, float* y) {
+  const WinogradShape s = winograd_shape(g);
+  const int64_t rows = g.N * p.OH, row_elems = g.OW * g.Cout, slots = p.KH + 3;
+  const int64_t work = winograd_scratch(s, g.Cp), ring_elems = ceil_div(slots * row_elems, kNR) * kNR;
+  at::parallel_for(0, rows, ceil_div(rows, threads_for(stem_macs(g))), [&](int64_t r0, int64_t r1) {
+    float* const scratch = thread_scratch<float>(work + ring_elems + window_elems(g, in.in_place));
+    float* const ring = scratch + work;
+    with_rows<float, K>(g, in, ring + ring_elems, [&](auto& src) {
+      const float* window[kMaxPoolKernel];
+      int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
+        const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
+        if (n != image) image = n, next_row = lo;
+        const auto out_row = [&](int64_t oh) { return ring + oh % slots * row_elems; };
+        for (next_row = std::max(next_row, lo); next_row < hi; next_row = next_row / 4 * 4 + 4) {
+          winograd_tile_row<K>(g, s, packed, src, n, next_row / 4, out_row, scratch);
+        }
+        for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % slots * row_elems;
+        K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
+      }
+    });
+  });
+}
+
 // bsconv_fast::max_pool: pooled rows split over threads; each reads its window's input rows in place.
 template <typename T, typename K>
 void run_max_pool(const PoolShape& s, const T* x, T* y) {
@@ -1116,6 +1251,53 @@ at::Tensor pack_pw_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>
   return packed;
 }
 
+// bsconv_fast::pack_winograd: a (Cout, Cin, 7, 7) stem weight (Cin <= 4) and its bias as the Winograd stem
+// takes them (winograd_packed_numel): per point (i, j) of F(4x4, 4x4), U = G w_q G^T of each 4x4 phase kernel
+// w_q[a][b] = w[co][c][2a + pr][2b + pc], channel (pr, pc, c) of Q, computed in double.
+at::Tensor pack_winograd_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 7 && weight.size(3) == 7 && weight.size(1) >= 1 &&
+                  weight.size(1) <= 4 && weight.size(0) > 0,
+              "bsconv_fast::pack_winograd: weight must have shape (Cout, Cin, 7, 7) with 1 <= Cin <= 4, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "bsconv_fast::pack_winograd: weight must be float32, got ",
+              weight.scalar_type());
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), Cp = ceil_div(Cout, kNR) * kNR, KQ = 4 * Cin;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout && bias->scalar_type() == at::kFloat,
+                "bsconv_fast::pack_winograd: bias must have shape (", Cout, ") and dtype float32, got ",
+                bias->sizes(), " ", bias->scalar_type());
+  }
+  auto packed = at::zeros({winograd_packed_numel(Cin, Cp)}, weight.options());
+  const auto w = weight.contiguous().to(at::kDouble);
+  const auto wa = w.accessor<double, 4>();
+  float* const u = packed.data_ptr<float>();
+  for (int64_t co = 0; co < Cout; ++co) {
+    for (int64_t ch = 0; ch < KQ; ++ch) {  // ch = (pr * 2 + pc) * Cin + c
+      const int64_t pr = ch / (2 * Cin), pc = ch / Cin % 2, c = ch % Cin;
+      double gw[7][4] = {};  // G w_q
+      for (int64_t i = 0; i < 7; ++i) {
+        for (int64_t b = 0; b < 4; ++b) {
+          for (int64_t a = 0; a < 4 && 2 * a + pr < 7; ++a) {
+            if (2 * b + pc < 7) gw[i][b] += kWinogradG[i][a] * wa[co][c][2 * a + pr][2 * b + pc];
+          }
+        }
+      }
+      for (int64_t i = 0; i < 7; ++i) {
+        for (int64_t j = 0; j < 7; ++j) {
+          double v = 0;
+          for (int64_t b = 0; b < 4; ++b) v += gw[i][b] * kWinogradG[j][b];
+          u[(i * 7 + j) * KQ * Cp + (co / kNR * KQ + ch) * kNR + co % kNR] = static_cast<float>(v);
+        }
+      }
+    }
+  }
+  if (bias.has_value()) {
+    const auto b = bias->contiguous();
+    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + Cout, u + 49 * KQ * Cp + Cp);
+  }
+  return packed;
+}
+
 at::Tensor pw_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef stride,
                          int64_t act, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x_in.dim() == 4, "bsconv_fast::pw_packed: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
@@ -1144,7 +1326,7 @@ namespace {
 
 // The stem convolution's geometry, with its arguments checked (`op` names the caller in errors).
 ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
-                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act, const char* op) {
+                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act, bool winograd, const char* op) {
   TORCH_CHECK(x.dim() == 4, "bsconv_fast::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "bsconv_fast::", op,
               " (CPU): supports float32 and float64, got ", x.scalar_type());
@@ -1160,6 +1342,18 @@ ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_
   g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "bsconv_fast::", op, ": input ", g.H, "x", g.W, " is too small for kernel ",
               kernel, " with padding ", padding);
+  if (winograd) {
+    TORCH_CHECK(g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2 && g.ph == 3 && g.pw == 3 && g.Cin <= 4 &&
+                    x.scalar_type() == at::kFloat,
+                "bsconv_fast::", op, ": winograd=True takes a float32 7x7 convolution with stride 2, padding 3 and "
+                "at most 4 input channels; got kernel ", kernel, ", stride ", stride, ", padding ", padding, ", ", g.Cin,
+                " input channels, ", x.scalar_type());
+    TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 1 && packed.is_contiguous() &&
+                    packed.numel() == winograd_packed_numel(g.Cin, g.Cp),
+                "bsconv_fast::", op, ": with winograd=True, packed must be the contiguous buffer "
+                "bsconv_fast::pack_winograd gives for a (", out_channels, ", ", g.Cin, ", 7, 7) weight");
+    return g;
+  }
   TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.dim() == 1 && packed.is_contiguous() &&
                   packed.numel() == packed_numel(g.Cin * g.KH * g.KW, g.Cp, 0),
               "bsconv_fast::", op, ": packed must be the contiguous buffer bsconv_fast::pack_pw gives for the "
@@ -1173,6 +1367,17 @@ template <typename T>
 std::pair<const T*, const T*> conv_weights(const ConvGeometry& g, const at::Tensor& packed) {
   const T* w = packed.data_ptr<T>();
   return {w, w + g.Cp * g.Cin * g.KH * g.KW};
+}
+
+// Runs the Winograd stem `run(kernels)` where the kernel family has it, else fails naming the op.
+template <typename K, typename Run>
+void with_winograd(const char* op, const Run& run) {
+  if constexpr (K::kWinograd) {
+    run(K{});
+  } else {
+    TORCH_CHECK(false, "bsconv_fast::", op, ": winograd=True needs the AVX2 or AVX-512 kernels; this process runs ",
+                kernel_isa(), " ones (BSCONV_FAST_ISA or the CPU)");
+  }
 }
 
 // A stem op's output, channels_last (the layout of the fused layers after a stem, whatever x's), which
@@ -1206,11 +1411,19 @@ at::Tensor stem_output(const at::Tensor& x, at::IntArrayRef sizes, const c10::op
 
 at::Tensor conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels,
                            at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
-                           const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift) {
-  const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_packed");
+                           const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift,
+                           bool winograd) {
+  const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, winograd, "conv_packed");
   return stem_output(x, {g.N, g.Cout, g.OH, g.OW}, in_scale, in_shift, "conv_packed",
                      [&](auto k, const auto& in, auto* yp) {
                        using T = std::remove_pointer_t<decltype(yp)>;
+                       if constexpr (std::is_same<T, float>::value) {
+                         if (winograd) {
+                           return with_winograd<decltype(k)>("conv_packed", [&](auto wk) {
+                             run_conv_winograd<decltype(wk)>(g, in, packed.data_ptr<float>(), yp);
+                           });
+                         }
+                       }
                        const auto [w, b] = conv_weights<T>(g, packed);
                        run_conv<T, decltype(k)>(g, in, w, b, yp);
                      });
@@ -1220,8 +1433,9 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
                                 at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
                                 at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
                                 at::IntArrayRef pool_padding, const c10::optional<at::Tensor>& in_scale,
-                                const c10::optional<at::Tensor>& in_shift) {
-  const ConvGeometry g = conv_geometry(x, packed, out_channels, kernel, stride, padding, act, "conv_pool_packed");
+                                const c10::optional<at::Tensor>& in_shift, bool winograd) {
+  const ConvGeometry g =
+      conv_geometry(x, packed, out_channels, kernel, stride, padding, act, winograd, "conv_pool_packed");
   TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2 && pool_padding.size() == 2,
               "bsconv_fast::conv_pool_packed: pool_kernel, pool_stride and pool_padding need 2 values each");
   PoolShape p{g.N, g.OH, g.OW, g.Cout, pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1],
@@ -1238,6 +1452,13 @@ at::Tensor conv_pool_packed_cpu(const at::Tensor& x, const at::Tensor& packed, i
   return stem_output(x, {g.N, g.Cout, p.OH, p.OW}, in_scale, in_shift, "conv_pool_packed",
                      [&](auto k, const auto& in, auto* yp) {
                        using T = std::remove_pointer_t<decltype(yp)>;
+                       if constexpr (std::is_same<T, float>::value) {
+                         if (winograd) {
+                           return with_winograd<decltype(k)>("conv_pool_packed", [&](auto wk) {
+                             run_conv_pool_winograd<decltype(wk)>(g, p, in, packed.data_ptr<float>(), yp);
+                           });
+                         }
+                       }
                        const auto [w, b] = conv_weights<T>(g, packed);
                        run_conv_pool<T, decltype(k)>(g, p, in, w, b, yp);
                      });
@@ -1249,6 +1470,7 @@ TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pw_dw_packed", &pw_dw_packed_cpu);
   m.impl("pw_dw_pair_packed", &pw_dw_pair_packed_cpu);
   m.impl("pack_pw", &pack_pw_cpu);
+  m.impl("pack_winograd", &pack_winograd_cpu);
   m.impl("pw_packed", &pw_packed_cpu);
   m.impl("conv_packed", &conv_packed_cpu);
   m.impl("conv_pool_packed", &conv_pool_packed_cpu);

@@ -13,6 +13,8 @@
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors in memory and
 // stores them back on every k step, which halves the micro-kernel's speed.
 
+#include "winograd_f4x4_4x4.h"
+
 // exp(x) to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r). x is clamped
 // to [-87.3, 89]: below, exp would leave the normal range (callers add it to 1); above 88.72 the
 // result overflows to inf as float exp does (SiLU(-inf) = -inf / inf = NaN, as in torch). A NaN x
@@ -445,6 +447,69 @@ struct Kernels {
       }
     }
     ScalarKernels<float>::to_channels_last(src + w * sW, sC, sW, C, W - w, scale, shift, dst + w * C);
+  }
+
+  // ---- the Winograd stem (run_winograd_rows in pw_dw_cpu.cpp)
+  static constexpr bool kWinograd = true;
+
+  // One Q row from an input row (channels_last, W pixels of Cin values): Q[x] takes the 2 * Cin values of
+  // input pixels 2x - pw and 2x - pw + 1 (zeros outside the row) at dst[x * kWinogradLanes], x < QW. The
+  // copies are 8 values wide; lanes past 2 * Cin get the next pixels' values (the other phase, written
+  // after, or lanes the GEMM never reads), and only where the 8 values lie inside the row.
+  BSCONV_TARGET static void winograd_q_row(const float* src, int64_t W, int64_t Cin, int64_t pw, int64_t QW,
+                                           float* dst) {
+    const int64_t span = 2 * Cin;
+    for (int64_t x = 0; x < QW; ++x, dst += kWinogradLanes) {
+      const int64_t iw = 2 * x - pw;
+      if (iw >= 0 && iw * Cin + 8 <= W * Cin) {
+        if constexpr (kLanes == 8) {
+          vstore(dst, vload(src + iw * Cin));
+        } else {
+          vstore_first(dst, vload_first(src + iw * Cin, 8), 8);
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < span; ++i) {
+        const int64_t col = iw + i / Cin;
+        dst[i] = col >= 0 && col < W ? src[col * Cin + i % Cin] : 0.f;
+      }
+    }
+  }
+
+  // The 7 x 7 Q tile at q (positions kWinogradLanes floats apart, rows qrow) as its 49 points B^T d B:
+  // point i * 7 + j at v + (i * 7 + j) * vstride. tmp: 49 * kLanes floats.
+  BSCONV_TARGET static void winograd_input(const float* q, int64_t qrow, float* v, int64_t vstride, float* tmp) {
+    for (int64_t l = 0; l < kWinogradLanes; l += kLanes) {
+      for (int64_t x = 0; x < 7; ++x) {
+        wino_bt(q + x * kWinogradLanes + l, qrow, [&](int i, VReg r) BSCONV_TARGET { vstore(tmp + (i * 7 + x) * kLanes, r); });
+      }
+      for (int64_t i = 0; i < 7; ++i) {
+        wino_bt(tmp + i * 7 * kLanes, kLanes,
+                [&](int j, VReg r) BSCONV_TARGET { vstore(v + (i * 7 + j) * vstride + l, r); });
+      }
+    }
+  }
+
+  // One tile's 4 x 4 output pixels from its 49 points M (point p, channel c at m[p * mstride + c]):
+  // pixel (a, b) at out[a] + b * C gets act(A^T M A + bias), channels [0, C); rows a >= nrows and
+  // columns b >= ncols (past the image) are not stored. tmp: 28 * kLanes floats.
+  BSCONV_TARGET static void winograd_output(const float* m, int64_t mstride, const float* bias, int64_t act, int64_t C,
+                                            float* const* out, int64_t nrows, int64_t ncols, float* tmp) {
+    with_act(act, [&](auto a_) BSCONV_TARGET {
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, C - c);
+        for (int64_t j = 0; j < 7; ++j) {
+          wino_at(m + j * mstride + c, 7 * mstride,
+                  [&](int a, VReg r) BSCONV_TARGET { vstore(tmp + (a * 7 + j) * kLanes, r); });
+        }
+        const VReg b = vload(bias + c);
+        for (int64_t a = 0; a < nrows; ++a) {
+          wino_at(tmp + a * 7 * kLanes, kLanes, [&](int col, VReg r) BSCONV_TARGET {
+            if (col < ncols) store_act<a_()>(out[a] + col * C + c, vadd(r, b), n);
+          });
+        }
+      }
+    });
   }
 
   // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns (NaN winning),
