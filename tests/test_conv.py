@@ -204,6 +204,31 @@ def test_winograd_stem_matches_the_direct_convolution(case, pool, layout, affine
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# (n, h, w, pool kernel, stride, padding, threads): the pooled Winograd stem splits tile rows over threads and
+# pools a window that straddles two threads' rows afterwards, from the rows the two saved: boundaries inside
+# and between images, windows taller than a tile row (7 rows: 2 tile rows per thread at least), rows no
+# window reads (stride 3), more threads than images, one thread.
+WINOGRAD_POOLS = [(1, 224, 224, 3, 2, 1, 2), (2, 61, 37, 3, 2, 1, 3), (3, 45, 29, 7, 2, 3, 4), (2, 50, 21, 2, 3, 0, 3),
+                  (1, 93, 19, 5, 1, 2, 4), (2, 37, 45, 3, 2, 1, 1)]
+
+
+@needs_simd
+@pytest.mark.parametrize("case", WINOGRAD_POOLS, ids=[str(i) for i in range(len(WINOGRAD_POOLS))])
+def test_winograd_stem_pools_across_the_threads_rows(case):
+    n, h, w, pk, ps, pp, threads = case
+    x, weight, bias = _problem(n, 3, 24, h, w, 7)
+    packed = torch.ops.bsconv_fast.pack_winograd(weight, bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.bsconv_fast.conv_pool_packed(x, packed, 24, [7, 7], [2, 2], [3, 3], 1, [pk, pk], [ps, ps],
+                                                     [pp, pp], None, None, True)
+    finally:
+        torch.set_num_threads(before)
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 2, 3)), pk, ps, pp)
+    assert_close_to_reference(out, want, 147, str(case))
+
+
 @needs_simd
 def test_winograd_stem_keeps_every_nan_of_the_reference():
     """A NaN input makes NaN every output whose window reads it, and, through the transforms, the other

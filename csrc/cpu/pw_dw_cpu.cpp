@@ -876,33 +876,85 @@ void run_conv_winograd(const ConvGeometry& g, const StemInput<float>& in, const 
   });
 }
 
-// Pooled rows split over threads, as run_conv_pool; the convolution rows go to a ring of pool-window + 3
-// rows (a tile row makes 4 at once; the window's rows and the tile row just made always fit).
+// The pooling windows of image rows: pooled row r reads convolution rows [lo, last] (clamped to the image).
+struct PoolRows {
+  const PoolShape& p;
+  int64_t OH;  // the convolution's rows
+  int64_t lo(int64_t r) const { return std::max<int64_t>(0, r * p.sh - p.ph); }
+  int64_t last(int64_t r) const { return std::min(OH, r * p.sh - p.ph + p.KH) - 1; }
+};
+
+// Tile rows split over threads in chunks, each keeping its convolution rows in a ring of pool-window + 3
+// rows (a tile row makes 4 at once; a window's rows and the tile row just made always fit) and pooling
+// every row whose window ends in the tile row just made. A window that starts in the previous chunk (the
+// first pooled row after a chunk boundary inside an image) is pooled after the threads are done, from
+// the rows either side of the boundary that the two chunks saved. Deriving each chunk's first rows from
+// the previous tile row instead (pooled rows split over threads) made the second thread compute 15 tile
+// rows of ResNet-18's 28 where the first computed 14.
 template <typename K>
 void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const StemInput<float>& in,
                             const float* packed, float* y) {
   const WinogradShape s = winograd_shape(g);
-  const int64_t rows = g.N * p.OH, row_elems = g.OW * g.Cout, slots = p.KH + 3;
+  const PoolRows pool{p, g.OH};
+  const int64_t items = g.N * s.TH, row_elems = g.OW * g.Cout, slots = p.KH + 3, halo = p.KH - 1;
   const int64_t work = winograd_scratch(s, g.Cp), ring_elems = ceil_div(slots * row_elems, kNR) * kNR;
-  at::parallel_for(0, rows, ceil_div(rows, threads_for(stem_macs(g))), [&](int64_t r0, int64_t r1) {
+  // chunks of at least `halo` rows, so that a window straddles two chunks at most
+  const int64_t min_tiles = std::max<int64_t>(1, ceil_div(halo, 4));
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads_for(stem_macs(g)), items / min_tiles));
+  const auto first_tile = [&](int64_t c) { return c * items / chunks; };
+  // Per chunk c, the convolution rows [S - halo, S + halo) around its first row S = 4 * J of its first image:
+  // the first half saved by chunk c - 1, the second by c (where the chunk starts inside an image).
+  std::vector<float> edges(chunks * 2 * halo * row_elems);
+  const auto edge = [&](int64_t c, int64_t ih) {
+    return edges.data() + (c * 2 * halo + ih - (first_tile(c) % s.TH * 4 - halo)) * row_elems;
+  };
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float* const scratch = thread_scratch<float>(work + ring_elems + window_elems(g, in.in_place));
     float* const ring = scratch + work;
+    const auto slot = [&](int64_t oh) { return ring + oh % slots * row_elems; };
     with_rows<float, K>(g, in, ring + ring_elems, [&](auto& src) {
-      const float* window[kMaxPoolKernel];
-      int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
-        const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
-        if (n != image) image = n, next_row = lo;
-        const auto out_row = [&](int64_t oh) { return ring + oh % slots * row_elems; };
-        for (next_row = std::max(next_row, lo); next_row < hi; next_row = next_row / 4 * 4 + 4) {
-          winograd_tile_row<K>(g, s, packed, src, n, next_row / 4, out_row, scratch);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i0 = first_tile(c), i1 = first_tile(c + 1);
+        int64_t r = 0, start = 0;  // next pooled row of image n, the first convolution row this chunk makes of it
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = i / s.TH, J = i % s.TH, end = std::min(g.OH, 4 * J + 4);
+          if (i == i0 || J == 0) {
+            start = 4 * J;
+            for (r = 0; r < p.OH && pool.last(r) < start; ++r) {
+            }
+          }
+          winograd_tile_row<K>(g, s, packed, src, n, J, slot, scratch);
+          for (int64_t oh = 4 * J; start > 0 && oh < std::min(end, start + halo); ++oh) {  // after a boundary
+            std::copy(slot(oh), slot(oh) + row_elems, edge(c, oh));
+          }
+          const float* window[kMaxPoolKernel];
+          for (; r < p.OH && pool.last(r) < end; ++r) {
+            if (pool.lo(r) < start) continue;  // straddles the chunk boundary: pooled below
+            for (int64_t ih = pool.lo(r); ih <= pool.last(r); ++ih) window[ih - pool.lo(r)] = slot(ih);
+            K::max_pool_row(window, pool.last(r) - pool.lo(r) + 1, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW,
+                            y + (n * p.OH + r) * p.OW * g.Cout);
+          }
         }
-        for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = ring + ih % slots * row_elems;
-        K::max_pool_row(window, hi - lo, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW, y + r * p.OW * g.Cout);
+        if (c + 1 < chunks && first_tile(c + 1) % s.TH != 0) {  // the next chunk starts inside this image
+          const int64_t next = first_tile(c + 1) % s.TH * 4;
+          for (int64_t oh = std::max<int64_t>(0, next - halo); oh < next; ++oh) {
+            std::copy(slot(oh), slot(oh) + row_elems, edge(c + 1, oh));
+          }
+        }
       }
     });
   });
+  for (int64_t c = 1; c < chunks; ++c) {
+    if (first_tile(c) % s.TH == 0) continue;
+    const int64_t n = first_tile(c) / s.TH, start = first_tile(c) % s.TH * 4;
+    const float* window[kMaxPoolKernel];
+    for (int64_t r = 0; r < p.OH && pool.lo(r) < start; ++r) {
+      if (pool.last(r) < start) continue;
+      for (int64_t ih = pool.lo(r); ih <= pool.last(r); ++ih) window[ih - pool.lo(r)] = edge(c, ih);
+      K::max_pool_row(window, pool.last(r) - pool.lo(r) + 1, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW,
+                      y + (n * p.OH + r) * p.OW * g.Cout);
+    }
+  }
 }
 
 // bsconv_fast::max_pool: pooled rows split over threads; each reads its window's input rows in place.
