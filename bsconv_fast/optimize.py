@@ -621,6 +621,26 @@ def _to_channels_last(module, args):
     return None
 
 
+def _optimized_copy(model, winograd):
+    """optimize()'s rewritten copy of `model` and its number of fused pointwise->depthwise layers."""
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = patch(model)
+    if isinstance(model, (BSConvU, BSConvS)):  # a single layer: fused whole, its children left as they are
+        model = fuse_bsconv(model) or model
+        fused = int(isinstance(model, FusedPwDw))
+    else:
+        fused = _rewrite(model)
+        pair_sequential_layers(model)
+        fold_input_affines(model)
+        if not winograd:
+            for module in model.modules():
+                if isinstance(module, FusedConv):
+                    module.winograd = False
+    return model, fused
+
+
 def optimize(model, channels_last=True, tune_malloc=True, verbose=False, freeze=False, winograd=True):
     """Inference copy of `model` (eval mode, no gradients): BSConv layers and inverted-residual blocks
     fused with their BatchNorms and activations, other conv+BN pairs folded, and the input turned
@@ -637,21 +657,11 @@ def optimize(model, channels_last=True, tune_malloc=True, verbose=False, freeze=
     tune_malloc: also set the process's glibc heap thresholds so that activations freed by one
     forward are reused by the next instead of page-faulting again (see bsconv_fast.heap; it is
     process-wide and affects every library in the process)."""
-    model = copy.deepcopy(model).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = patch(model)
-    if isinstance(model, (BSConvU, BSConvS)):  # a single layer: fused whole, its children left as they are
-        model = fuse_bsconv(model) or model
-        fused = int(isinstance(model, FusedPwDw))
-    else:
-        fused = _rewrite(model)
-        pair_sequential_layers(model)
-        fold_input_affines(model)
-        if not winograd:
-            for module in model.modules():
-                if isinstance(module, FusedConv):
-                    module.winograd = False
+    # Ordinary tensors also when called under torch.inference_mode: inference tensors carry no version
+    # counter, so packed weights made from them could not be cached (PackedInference) and every forward
+    # packed them again (measured: resnet18 optimized inside inference_mode 8.2 vs 5.9 ms, 2 threads).
+    with torch.inference_mode(False), torch.no_grad():
+        model, fused = _optimized_copy(model, winograd)
     # InputAffine and the stems write channels_last themselves from any input layout
     if channels_last and not isinstance(_first_real_leaf(model), (InputAffine, FusedConv)):
         model.register_forward_pre_hook(_to_channels_last)

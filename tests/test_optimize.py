@@ -156,3 +156,25 @@ def test_fused_layer_residual_fast_and_autograd_paths_agree():
     assert_close_to_reference(packed, want, 6 + 9, "packed")
     assert_close_to_reference(differentiable.detach(), want, 6 + 9, "autograd")
     assert torch.equal(r.grad, (want > 0).float())
+
+
+def test_optimize_under_inference_mode_makes_ordinary_tensors():
+    """Inference tensors have no version counter, so packed weights made from them cannot be cached: optimize()
+    called under torch.inference_mode, or given a model built there, must still make ordinary tensors, else
+    every forward packs its weights again (the frozen program twice as long, resnet18 1.4x the time)."""
+    B = pytest.importorskip("bsconv.pytorch")
+    x = torch.randn(1, 3, 32, 32)
+    model = B.get_model("cifar_mobilenetv1_w1_bsconvu", num_classes=10).eval()
+    with torch.inference_mode():
+        built_inside = B.get_model("cifar_mobilenetv1_w1_bsconvu", num_classes=10).eval()
+        built_inside.load_state_dict(model.state_dict())
+        optimized = [bsconv_fast.optimize(m, freeze=True) for m in (model, built_inside)]
+    optimized.append(bsconv_fast.optimize(model, freeze=True))
+    firsts = []
+    for frozen in optimized:
+        assert not any(t.is_inference() for t in frozen.model.state_dict().values())
+        with torch.inference_mode():
+            frozen(x)
+            frozen(x)
+        firsts.append(frozen.programs()[-1].splitlines()[0])  # "# replayed from C++ (..., N calls)"
+    assert firsts[0] == firsts[1] == firsts[2] and "calls" in firsts[0]
