@@ -785,10 +785,11 @@ void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>
 // 4 x 4 tile of its outputs into 49 multiply-adds per channel pair where the direct convolution takes 16 x 147:
 // per output pixel of a 3 -> 64 stem 2352 multiply-adds instead of 9408, plus the transforms of the 7 x 7
 // input tiles (B^T d B, on 16-lane Q positions) and of the 49-point results (A^T M A). The 49 GEMMs (tiles x
-// 4 * Cin times 4 * Cin x Cout, one per point) run on the 1x1 op's micro-kernel. Measured (ResNet-18's stem,
-// 224 x 224 -> 112 x 112 x 64, standalone prototype, 1 / 2 threads): 1060 / 650 us, where the direct
-// convolution here ran at 93% of the FMA peak (~2500 / ~1240 us). Float32 error against float64, relative:
-// 1.4e-6 (direct summation 1.4e-7); a NaN or inf input spreads over the tiles that read it.
+// 4 * Cin times 4 * Cin x Cout, one per point) run on the 1x1 op's micro-kernel. Measured (ResNet-18's stem with
+// its input BatchNorm, ReLU and pooling, 224 x 224, A/B in one process against the direct kernel, which runs at
+// ~93% of the FMA peak): 0.53x the time on 1 thread, 0.57x on 2 (AVX-512), 0.67x (AVX2); whole ResNet-18
+// 0.89-0.92x. Float32 error against float64, relative: 6-10e-7 at 224 x 224 (direct summation ~1e-7); a NaN or
+// inf input spreads over the tiles that read it.
 struct WinogradShape {
   int64_t TH, TW, QW, KQ;  // tile rows and columns, Q positions per row, Q channels the GEMMs read (4 * Cin)
 };
@@ -890,7 +891,8 @@ struct PoolRows {
 // first pooled row after a chunk boundary inside an image) is pooled after the threads are done, from
 // the rows either side of the boundary that the two chunks saved. Deriving each chunk's first rows from
 // the previous tile row instead (pooled rows split over threads) made the second thread compute 15 tile
-// rows of ResNet-18's 28 where the first computed 14.
+// rows of ResNet-18's 28 where the first computed 14: measured 1.046x the time (2 threads, median of 10
+// process pairs alternating the two builds).
 template <typename K>
 void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const StemInput<float>& in,
                             const float* packed, float* y) {
@@ -904,9 +906,13 @@ void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const Ste
   const auto first_tile = [&](int64_t c) { return c * items / chunks; };
   // Per chunk c, the convolution rows [S - halo, S + halo) around its first row S = 4 * J of its first image:
   // the first half saved by chunk c - 1, the second by c (where the chunk starts inside an image).
-  std::vector<float> edges(chunks * 2 * halo * row_elems);
+  // The calling thread's buffer, kept between calls (no allocation or zero-filling per call).
+  thread_local std::vector<float> edge_buffer;
+  const int64_t edge_elems = chunks * 2 * halo * row_elems;
+  if (static_cast<int64_t>(edge_buffer.size()) < edge_elems) edge_buffer.resize(edge_elems);
+  float* const edges = edge_buffer.data();
   const auto edge = [&](int64_t c, int64_t ih) {
-    return edges.data() + (c * 2 * halo + ih - (first_tile(c) % s.TH * 4 - halo)) * row_elems;
+    return edges + (c * 2 * halo + ih - (first_tile(c) % s.TH * 4 - halo)) * row_elems;
   };
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float* const scratch = thread_scratch<float>(work + ring_elems + window_elems(g, in.in_place));
