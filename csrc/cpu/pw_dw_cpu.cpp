@@ -1384,7 +1384,8 @@ namespace {
 
 // The stem convolution's geometry, with its arguments checked (`op` names the caller in errors).
 ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
-                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act, bool winograd, const char* op) {
+                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t act, bool winograd,
+                           const char* op) {
   TORCH_CHECK(x.dim() == 4, "bsconv_fast::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "bsconv_fast::", op,
               " (CPU): supports float32 and float64, got ", x.scalar_type());
@@ -1404,8 +1405,8 @@ ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& packed, int64_
     TORCH_CHECK(g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2 && g.ph == 3 && g.pw == 3 && g.Cin <= 4 &&
                     x.scalar_type() == at::kFloat,
                 "bsconv_fast::", op, ": winograd=True takes a float32 7x7 convolution with stride 2, padding 3 and "
-                "at most 4 input channels; got kernel ", kernel, ", stride ", stride, ", padding ", padding, ", ", g.Cin,
-                " input channels, ", x.scalar_type());
+                "at most 4 input channels; got kernel ", kernel, ", stride ", stride, ", padding ", padding, ", ",
+                g.Cin, " input channels, ", x.scalar_type());
     TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 1 && packed.is_contiguous() &&
                     packed.numel() == winograd_packed_numel(g.Cin, g.Cp),
                 "bsconv_fast::", op, ": with winograd=True, packed must be the contiguous buffer "

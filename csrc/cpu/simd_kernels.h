@@ -449,7 +449,7 @@ struct Kernels {
     ScalarKernels<float>::to_channels_last(src + w * sW, sC, sW, C, W - w, scale, shift, dst + w * C);
   }
 
-  // ---- the Winograd stem (run_winograd_rows in pw_dw_cpu.cpp)
+  // ---- the Winograd stem (winograd_tile_row in pw_dw_cpu.cpp)
   static constexpr bool kWinograd = true;
 
   // One Q row from an input row (channels_last, W pixels of Cin values): Q[x] takes the 2 * Cin values of
@@ -481,7 +481,8 @@ struct Kernels {
   BSCONV_TARGET static void winograd_input(const float* q, int64_t qrow, float* v, int64_t vstride, float* tmp) {
     for (int64_t l = 0; l < kWinogradLanes; l += kLanes) {
       for (int64_t x = 0; x < 7; ++x) {
-        wino_bt(q + x * kWinogradLanes + l, qrow, [&](int i, VReg r) BSCONV_TARGET { vstore(tmp + (i * 7 + x) * kLanes, r); });
+        wino_bt(q + x * kWinogradLanes + l, qrow,
+                [&](int i, VReg r) BSCONV_TARGET { vstore(tmp + (i * 7 + x) * kLanes, r); });
       }
       for (int64_t i = 0; i < 7; ++i) {
         wino_bt(tmp + i * 7 * kLanes, kLanes,
