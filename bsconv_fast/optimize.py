@@ -165,10 +165,10 @@ class FusedConv(FusedPointwise):
 
     winograd (default: where it applies): the ResNet stem (7x7, stride 2, padding 3, at most 4 input
     channels) in float32 on the AVX2 / AVX-512 kernels runs Winograd's F(4x4, 4x4) on the space-to-depth
-    image (backend 'cpu-conv-winograd'): 4x fewer multiply-adds; ResNet-18's stem with its pooling 0.53x
-    the direct kernel's time on 1 thread, 0.63x on 2. Its float32 error is ~10x the direct summation's
-    (relative 1e-6 against float64, measured) and a NaN or inf input spreads over the 4x4 output tiles
-    that read it. optimize(model, winograd=False), or setting the attribute, keeps the direct kernel."""
+    image (backend 'cpu-conv-winograd'): 4x fewer multiply-adds; ResNet-18's stem with its pooling 0.52x
+    the direct kernel's time on 1 thread, 0.54x on 2 (benchmarks/winograd_ab.py). Its float32 error is 3-10x
+    the direct summation's (relative 7e-7 against float64, measured) and a NaN or inf input spreads over the
+    4x4 output tiles that read it. optimize(model, winograd=False), or setting the attribute, keeps the direct kernel."""
 
     MAX_IN_CHANNELS = 8  # patches of Cin * KH * KW values per pixel: made for the 3-channel image stems
     MAX_POOL_KERNEL = 16  # the pooled stem keeps that many convolution rows per thread
@@ -651,7 +651,7 @@ def optimize(model, channels_last=True, tune_malloc=True, verbose=False, freeze=
     slow; see bsconv_fast.freeze).
 
     winograd: run the ResNet stems (7x7, stride 2) by Winograd's F(4x4, 4x4) where it applies (see FusedConv):
-    ~0.5-0.6x the stem's time, float32 error ~10x the direct summation's (relative 1e-6); False keeps the
+    ~0.5x the stem's time, float32 error 3-10x the direct summation's (relative 7e-7); False keeps the
     direct kernel.
 
     tune_malloc: also set the process's glibc heap thresholds so that activations freed by one

@@ -87,7 +87,7 @@ TORCH_LIBRARY(bsconv_fast, m) {
   // + in_shift[c] when they are given (an input BatchNorm; the zero padding applies to x'), else x. The
   // output is channels_last whatever x's layout (an NCHW x is read as it is, not copied first).
   // winograd=True (float32, a 7x7 kernel with stride 2 and padding 3, Cin <= 4: the ResNet stem): Winograd's
-  // F(4x4, 4x4) on the space-to-depth image, `packed` = pack_winograd(weight, bias); float32 error ~10x the
+  // F(4x4, 4x4) on the space-to-depth image, `packed` = pack_winograd(weight, bias); float32 error 3-10x the
   // direct summation's, and a NaN or inf input spreads over the 4x4 output tiles that read it.
   m.def("conv_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, int[2] padding, "
         "int act, Tensor? in_scale=None, Tensor? in_shift=None, bool winograd=False) -> Tensor");
