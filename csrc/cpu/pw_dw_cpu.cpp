@@ -733,11 +733,14 @@ void conv_row(const ConvGeometry& g, Rows& rows, const T* w, const T* b, int64_t
             out + lo * g.Cout, nullptr);
 }
 
+// A stem convolution's multiply-adds (what threads_for weighs).
+int64_t stem_macs(const ConvGeometry& g) { return g.N * g.OH * g.OW * g.KH * g.KW * g.Cin * g.Cp; }
+
 // Output rows split over threads in contiguous runs.
 template <typename T, typename K>
 void run_conv(const ConvGeometry& g, const StemInput<T>& in, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * g.OH, cols_elems = ceil_div(g.OW * Kd, kNR) * kNR;
-  const int64_t threads = threads_for(rows * g.OW * Kd * g.Cp);
+  const int64_t threads = threads_for(stem_macs(g));
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     T* const cols = thread_scratch<T>(cols_elems + window_elems(g, in.in_place));
     with_rows<T, K>(g, in, cols + cols_elems, [&](auto& src) {
@@ -755,7 +758,7 @@ template <typename T, typename K>
 void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>& in, const T* w, const T* b, T* y) {
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * p.OH, row_elems = g.OW * g.Cout;
   const int64_t cols_elems = ceil_div(g.OW * Kd, kNR) * kNR, ring_elems = ceil_div(p.KH * row_elems, kNR) * kNR;
-  const int64_t threads = threads_for(g.N * g.OH * g.OW * Kd * g.Cp);
+  const int64_t threads = threads_for(stem_macs(g));
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     T* const cols = thread_scratch<T>(cols_elems + ring_elems + window_elems(g, in.in_place));
     T* const ring = cols + cols_elems;  // 64-byte aligned rows when Cout % 16 == 0
@@ -850,15 +853,12 @@ void winograd_tile_row(const ConvGeometry& g, const WinogradShape& s, const floa
   float* rows_out[4];
   for (int64_t a = 0; a < nrows; ++a) rows_out[a] = out_row(4 * J + a);
   for (int64_t t = 0; t < s.TW; ++t) {
-    float* const out[4] = {rows_out[0] + 4 * t * g.Cout, nrows > 1 ? rows_out[1] + 4 * t * g.Cout : nullptr,
-                           nrows > 2 ? rows_out[2] + 4 * t * g.Cout : nullptr,
-                           nrows > 3 ? rows_out[3] + 4 * t * g.Cout : nullptr};
+    float* out[4] = {};
+    for (int64_t a = 0; a < nrows; ++a) out[a] = rows_out[a] + 4 * t * g.Cout;
     K::winograd_output(m + t * g.Cp, s.TW * g.Cp, zeros + g.Cp, g.act, g.Cout, out, nrows,
                        std::min<int64_t>(4, g.OW - 4 * t), tmp);
   }
 }
-
-int64_t stem_macs(const ConvGeometry& g) { return g.N * g.OH * g.OW * g.KH * g.KW * g.Cin * g.Cp; }
 
 // Tile rows split over threads in contiguous runs.
 template <typename K>
@@ -914,6 +914,13 @@ void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const Ste
   const auto edge = [&](int64_t c, int64_t ih) {
     return edges + (c * 2 * halo + ih - (first_tile(c) % s.TH * 4 - halo)) * row_elems;
   };
+  // pooled row r of image n from its window's convolution rows, row ih at row(ih)
+  const auto pool_row = [&](int64_t n, int64_t r, const auto& row) {
+    const float* window[kMaxPoolKernel];
+    for (int64_t ih = pool.lo(r); ih <= pool.last(r); ++ih) window[ih - pool.lo(r)] = row(ih);
+    K::max_pool_row(window, pool.last(r) - pool.lo(r) + 1, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW,
+                    y + (n * p.OH + r) * p.OW * g.Cout);
+  };
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float* const scratch = thread_scratch<float>(work + ring_elems + window_elems(g, in.in_place));
     float* const ring = scratch + work;
@@ -933,12 +940,8 @@ void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const Ste
           for (int64_t oh = 4 * J; start > 0 && oh < std::min(end, start + halo); ++oh) {  // after a boundary
             std::copy(slot(oh), slot(oh) + row_elems, edge(c, oh));
           }
-          const float* window[kMaxPoolKernel];
           for (; r < p.OH && pool.last(r) < end; ++r) {
-            if (pool.lo(r) < start) continue;  // straddles the chunk boundary: pooled below
-            for (int64_t ih = pool.lo(r); ih <= pool.last(r); ++ih) window[ih - pool.lo(r)] = slot(ih);
-            K::max_pool_row(window, pool.last(r) - pool.lo(r) + 1, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW,
-                            y + (n * p.OH + r) * p.OW * g.Cout);
+            if (pool.lo(r) >= start) pool_row(n, r, slot);  // else it straddles the chunk boundary: pooled below
           }
         }
         if (c + 1 < chunks && first_tile(c + 1) % s.TH != 0) {  // the next chunk starts inside this image
@@ -953,12 +956,9 @@ void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const Ste
   for (int64_t c = 1; c < chunks; ++c) {
     if (first_tile(c) % s.TH == 0) continue;
     const int64_t n = first_tile(c) / s.TH, start = first_tile(c) % s.TH * 4;
-    const float* window[kMaxPoolKernel];
+    const auto edge_row = [&](int64_t ih) { return edge(c, ih); };
     for (int64_t r = 0; r < p.OH && pool.lo(r) < start; ++r) {
-      if (pool.last(r) < start) continue;
-      for (int64_t ih = pool.lo(r); ih <= pool.last(r); ++ih) window[ih - pool.lo(r)] = edge(c, ih);
-      K::max_pool_row(window, pool.last(r) - pool.lo(r) + 1, g.OW, g.Cout, p.KW, p.sw, p.pw, p.OW,
-                      y + (n * p.OH + r) * p.OW * g.Cout);
+      if (pool.last(r) >= start) pool_row(n, r, edge_row);
     }
   }
 }
