@@ -749,6 +749,14 @@ void run_conv(const ConvGeometry& g, const StemInput<T>& in, const T* w, const T
   });
 }
 
+// The pooling windows of image rows: pooled row r reads input rows [lo, last] (clamped to the image's OH rows).
+struct PoolRows {
+  const PoolShape& p;
+  int64_t OH;  // rows of the pooled image (the convolution's output for a pooled stem)
+  int64_t lo(int64_t r) const { return std::max<int64_t>(0, r * p.sh - p.ph); }
+  int64_t last(int64_t r) const { return std::min(OH, r * p.sh - p.ph + p.KH) - 1; }
+};
+
 // bsconv_fast::conv_pool_packed: the stem convolution followed by k x k max pooling (the ResNet stem),
 // in one pass: each thread keeps the last KH convolution rows of the pool in a ring and pools them as
 // soon as a pooled row's window is complete, so the convolution's output (3.2 MB for ResNet-18)
@@ -759,6 +767,7 @@ void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>
   const int64_t Kd = g.KH * g.KW * g.Cin, rows = g.N * p.OH, row_elems = g.OW * g.Cout;
   const int64_t cols_elems = ceil_div(g.OW * Kd, kNR) * kNR, ring_elems = ceil_div(p.KH * row_elems, kNR) * kNR;
   const int64_t threads = threads_for(stem_macs(g));
+  const PoolRows pool{p, g.OH};
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     T* const cols = thread_scratch<T>(cols_elems + ring_elems + window_elems(g, in.in_place));
     T* const ring = cols + cols_elems;  // 64-byte aligned rows when Cout % 16 == 0
@@ -766,8 +775,7 @@ void run_conv_pool(const ConvGeometry& g, const PoolShape& p, const StemInput<T>
       const T* window[kMaxPoolKernel];
       int64_t image = -1, next_row = 0;  // first convolution row of `image` not yet in the ring
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / p.OH, ih0 = r % p.OH * p.sh - p.ph;
-        const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(g.OH, ih0 + p.KH);
+        const int64_t n = r / p.OH, lo = pool.lo(r % p.OH), hi = pool.last(r % p.OH) + 1;
         if (n != image) image = n, next_row = lo;
         for (next_row = std::max(next_row, lo); next_row < hi; ++next_row) {
           conv_row<T, K>(g, src, w, b, n, next_row, ring + next_row % p.KH * row_elems, cols);
@@ -877,14 +885,6 @@ void run_conv_winograd(const ConvGeometry& g, const StemInput<float>& in, const 
   });
 }
 
-// The pooling windows of image rows: pooled row r reads convolution rows [lo, last] (clamped to the image).
-struct PoolRows {
-  const PoolShape& p;
-  int64_t OH;  // the convolution's rows
-  int64_t lo(int64_t r) const { return std::max<int64_t>(0, r * p.sh - p.ph); }
-  int64_t last(int64_t r) const { return std::min(OH, r * p.sh - p.ph + p.KH) - 1; }
-};
-
 // Tile rows split over threads in chunks, each keeping its convolution rows in a ring of pool-window + 3
 // rows (a tile row makes 4 at once; a window's rows and the tile row just made always fit) and pooling
 // every row whose window ends in the tile row just made. A window that starts in the previous chunk (the
@@ -967,11 +967,11 @@ void run_conv_pool_winograd(const ConvGeometry& g, const PoolShape& p, const Ste
 template <typename T, typename K>
 void run_max_pool(const PoolShape& s, const T* x, T* y) {
   const int64_t rows = s.N * s.OH, threads = threads_for(rows * s.OW * s.C * s.KH * s.KW);
+  const PoolRows pool{s, s.H};
   at::parallel_for(0, rows, ceil_div(rows, threads), [&](int64_t r0, int64_t r1) {
     std::vector<const T*> window(s.KH);
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.OH, ih0 = r % s.OH * s.sh - s.ph;
-      const int64_t lo = std::max<int64_t>(0, ih0), hi = std::min(s.H, ih0 + s.KH);
+      const int64_t n = r / s.OH, lo = pool.lo(r % s.OH), hi = pool.last(r % s.OH) + 1;
       for (int64_t ih = lo; ih < hi; ++ih) window[ih - lo] = x + (n * s.H + ih) * s.W * s.C;
       K::max_pool_row(window.data(), hi - lo, s.W, s.C, s.KW, s.sw, s.pw, s.OW, y + r * s.OW * s.C);
     }
