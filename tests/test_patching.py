@@ -1,6 +1,7 @@
 """patch / unpatch on the official model zoo: same outputs, fast path really used, reversible."""
 import pytest
 import torch
+import torch.nn as nn
 
 import bsconv_fast
 from helpers import assert_close_to_reference, randomize_bn
@@ -23,9 +24,9 @@ def test_patched_official_model_matches(name, count):
         model.float()
         patched = bsconv_fast.patch(model)
         assert patched is model and model.bsconv_fast_patched == count
-        report = bsconv_fast.explain(model, x)
+        report = [row for row in bsconv_fast.explain(model, x) if row["backend"] != "pytorch"]  # the stem, the head
         assert len(report) == count
-        assert set(report.backends().values()) == {f"cpu-fused ({bsconv_fast._ext.cpu_kernel_isa()})"}
+        assert {row["backend"] for row in report} == {f"cpu-fused ({bsconv_fast._ext.cpu_kernel_isa()})"}
         with torch.profiler.profile() as prof:
             got = model(x)
     # under no_grad the modules run the packed-weight op; either op is the fused kernel
@@ -68,5 +69,24 @@ def test_patch_leaves_non_bsconv_sequential_alone():
 def test_explain_lists_unpatched_layers():
     model = B.get_model("cifar_resnet20_bsconvu", num_classes=10).eval()
     report = bsconv_fast.explain(model, torch.randn(1, 3, 32, 32))
-    assert len(report) == 19 and all("not patched" in r["reason"] for r in report)
+    bsconv = [r for r in report if r["backend"] != "pytorch"]
+    assert len(bsconv) == 19 and all("not patched" in r["reason"] for r in bsconv)
     assert "not patched" in str(report)
+    # every other convolution, the BSConv layers' own pointwise and depthwise children excluded
+    inside = tuple(name + "." for name, m in model.named_modules() if isinstance(m, B.BSConvU))
+    others = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not name.startswith(inside)]
+    assert [r["module"] for r in report if r["backend"] == "pytorch"] == others and len(others) == 3
+    assert all(r["reason"].endswith("runs in PyTorch") for r in report if r["backend"] == "pytorch")
+
+
+def test_explain_names_the_convolutions_left_to_pytorch():
+    """optimize() has no kernel for a plain ResNet's dense 3x3 convolutions: explain lists each of them, in the
+    order they run, and nothing inside the fused modules."""
+    model = B.get_model("cifar_resnet20", num_classes=10).eval()
+    optimized = bsconv_fast.optimize(model, tune_malloc=False)
+    report = bsconv_fast.explain(optimized, torch.randn(1, 3, 32, 32))
+    left = [r for r in report if r["backend"] == "pytorch"]
+    assert len(left) == 18 and all(r["reason"].startswith("dense 3x3 conv") for r in left)
+    assert left[0]["reason"] == "dense 3x3 conv 16->16, not in a BSConv or fused layer: runs in PyTorch"
+    fused = [r["module"] for r in report if r["backend"] != "pytorch"]
+    assert fused and not any(r["module"].startswith(tuple(f + "." for f in fused)) for r in left)
