@@ -514,21 +514,42 @@ struct Kernels {
   }
 
   // Pooled output row: pixel q is the max of rows[0..nrows) over its window columns (NaN winning),
-  // one channel vector at a time with the running max in a register.
+  // four channel vectors at a time (then one, then a masked tail), each with its running max in a register.
+  // A vmax_nan is a chain of ~5 cycles (compare, or, blend): one vector at a time, the window's 9 steps ran
+  // back to back, ~45 cycles an output vector. Measured (A/B in one process): the 3x3 stride-2 max_pool of
+  // 64 x 112 x 112 0.67x the time on 1 thread, 0.70x on 2; ResNet-18's Winograd stem with its pooling
+  // 0.97x / 0.96x, the direct one 0.98x; resnet18_bsconvu 0.99x. Same outputs bitwise.
   BSCONV_TARGET static void max_pool_row(const float* const* rows, int64_t nrows, int64_t W, int64_t C, int64_t KW,
                                          int64_t sw, int64_t pw, int64_t OW, float* y) {
+    const VReg ninf = vset1(-std::numeric_limits<float>::infinity());
     for (int64_t q = 0; q < OW; ++q, y += C) {
       const int64_t iw0 = q * sw - pw, lo = std::max<int64_t>(0, iw0), hi = std::min(W, iw0 + KW);
       int64_t c = 0;
+      for (; c + 4 * kLanes <= C; c += 4 * kLanes) {
+        VReg m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+        for (int64_t i = 0; i < nrows; ++i) {
+          for (int64_t iw = lo; iw < hi; ++iw) {
+            const float* p = rows[i] + iw * C + c;
+            m0 = vmax_nan(m0, vload(p));
+            m1 = vmax_nan(m1, vload(p + kLanes));
+            m2 = vmax_nan(m2, vload(p + 2 * kLanes));
+            m3 = vmax_nan(m3, vload(p + 3 * kLanes));
+          }
+        }
+        vstore(y + c, m0);
+        vstore(y + c + kLanes, m1);
+        vstore(y + c + 2 * kLanes, m2);
+        vstore(y + c + 3 * kLanes, m3);
+      }
       for (; c + kLanes <= C; c += kLanes) {
-        VReg m = vset1(-std::numeric_limits<float>::infinity());
+        VReg m = ninf;
         for (int64_t i = 0; i < nrows; ++i) {
           for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload(rows[i] + iw * C + c));
         }
         vstore(y + c, m);
       }
       if (c < C) {  // a channel tail: masked loads and store
-        VReg m = vset1(-std::numeric_limits<float>::infinity());
+        VReg m = ninf;
         for (int64_t i = 0; i < nrows; ++i) {
           for (int64_t iw = lo; iw < hi; ++iw) m = vmax_nan(m, vload_first(rows[i] + iw * C + c, C - c));
         }
