@@ -83,4 +83,5 @@ def _not_a_bsconv_layer(conv):
     kh, kw = conv.kernel_size
     kind = "depthwise" if conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1 else (
         "grouped" if conv.groups > 1 else "dense")
-    return f"{kind} {kh}x{kw} conv {conv.in_channels}->{conv.out_channels}, not in a BSConv or fused layer: runs in PyTorch"
+    return (f"{kind} {kh}x{kw} conv {conv.in_channels}->{conv.out_channels}, not in a BSConv or fused layer: "
+            "runs in PyTorch")
