@@ -8,27 +8,18 @@ relative error against float64 for each.
 
 usage: python benchmarks/winograd_ab.py THREADS [MODEL] [TURNS]   (MODEL default resnet18_bsconvu, TURNS 60)
 """
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import bsconv_fast
+from bsconv_fast.bench import time_interleaved
 
 
 def turns(fns, count, block=5):
-    """Median seconds per call of each fn, taking turns of `block` timed calls after one untimed."""
-    times = {k: [] for k in fns}
-    for _ in range(count):
-        for k, fn in fns.items():
-            fn()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """{name: median seconds per call} over `count` turns of the benchmark's interleaved timing."""
+    return dict(zip(fns, time_interleaved(list(fns.values()), count * block, 0, block)))
 
 
 def stem(count):
