@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 
 import bsconv_fast
-from bsconv_fast import heap
+from bsconv_fast import heap, hide_avx512
 from bsconv_fast.modules import BSConvU
 
 SUITES = {
@@ -45,10 +45,12 @@ def machine_line():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    hidden = (", AVX-512 hidden by CPUID faulting (--hide-avx512: every contender runs its AVX2 kernels), "
+              f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}") if hide_avx512.active() else ""
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
             f"kernel {bsconv_fast._ext.cpu_kernel_isa()}, python {platform.python_version()}, "
             f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
-            f"glibc heap tuned={heap.malloc_tuned()}")
+            f"glibc heap tuned={heap.malloc_tuned()}{hidden}")
 
 
 def git_commit():
@@ -311,16 +313,23 @@ def main(argv=None):
                         help="CPU suites: leave glibc's heap thresholds alone (default: bsconv_fast.heap.tune_malloc() "
                              "before anything runs, so every contender in the process runs with the same heap)")
     parser.add_argument("--only", nargs="*", default=None, help="models suite: run only these official models")
+    parser.add_argument("--hide-avx512", action="store_true",
+                        help="CPU suites: rerun this command with AVX-512 hidden from every library in the process "
+                             "(ONNX Runtime, oneDNN, ATen, bsconv_fast), as on an AVX2 + FMA CPU; Linux, needs "
+                             "CPUID faulting and a C compiler (see bsconv_fast/hide_avx512.py)")
     args = parser.parse_args(argv)
+    if args.hide_avx512 and os.environ.get(hide_avx512.MARKER) != "1":
+        argv = sys.argv[1:] if argv is None else argv
+        hide_avx512.relaunch([sys.executable, "-m", "bsconv_fast", "bench", *argv])
 
     warnings.simplefilter("ignore", UserWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cpu" and not args.default_malloc:
         heap.tune_malloc()
-    header = {"machine": machine_line(), "threads": torch.get_num_threads(), "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps, "block": args.block,
-              "pause_ms": args.pause}
+    header = {"machine": machine_line(), "avx512_hidden": hide_avx512.active(), "threads": torch.get_num_threads(),
+              "commit": git_commit(), "date": datetime.date.today().isoformat(), "suite": args.suite, "reps": args.reps,
+              "block": args.block, "pause_ms": args.pause}
     print(f"# {header['machine']}; threads {header['threads']}; commit {header['commit']}; {header['date']}")
     print(f"# median of {args.reps} runs in turns of {args.block} after {args.warmup} warm-up"
           f"{f', {args.pause:g} ms pause before each turn' if args.pause else ''}; "

@@ -1,6 +1,7 @@
 """The benchmark CLI: options listed, and its measuring code path on tiny inputs."""
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,40 @@ def test_gemm_vs_mkl_script_times_the_same_product(capsys):
         ours, mkl, ratio = float(ln.split("ours ")[1].split()[0]), float(ln.split("addmm ")[1].split()[0]), float(ln.split()[-1])
         assert ours > 0.05 and mkl > 0.05
         assert (mkl - 0.05) / (ours + 0.05) - 1e-3 <= ratio <= (mkl + 0.05) / (ours - 0.05) + 1e-3  # times print to 0.1 us
+
+
+_DETECTED = """
+import json, torch, bsconv_fast
+from bsconv_fast import hide_avx512, bench
+print(json.dumps([hide_avx512.active(), torch.backends.cpu.get_cpu_capability(), bsconv_fast._ext.cpu_kernel_isa(),
+                  "AVX-512 hidden" in bench.machine_line()]))
+"""
+
+
+def _detected(env):
+    proc = subprocess.run([sys.executable, "-c", _DETECTED], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_hide_avx512_makes_every_detector_find_avx2():
+    """--hide-avx512: PyTorch's own CPUID-based detection and bsconv_fast's (GCC's cpu model) both find an
+    AVX2 CPU on a CPU with AVX-512, and the benchmark's machine line says so; without it they find AVX-512."""
+    from bsconv_fast import hide_avx512
+
+    reason = hide_avx512.unsupported_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k not in ("BSCONV_FAST_ISA", "ATEN_CPU_CAPABILITY")}
+    plain = _detected(env)
+    assert plain[0] is False and plain[1].startswith("AVX512") and plain[3] is False
+    assert _detected(hide_avx512.environment(env)) == [True, "AVX2", "avx2-fma", True]
+
+
+def test_hide_avx512_refuses_a_relaunch_that_did_not_take(monkeypatch):
+    from bsconv_fast import hide_avx512
+
+    monkeypatch.setenv(hide_avx512.MARKER, "1")  # as if relaunched, but in this process nothing is hidden
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.raises(RuntimeError, match="PyTorch detected AVX512"):
+        hide_avx512.active()
