@@ -115,7 +115,8 @@ from helpers import assert_close_to_reference, assert_silu_epilogues_match_torch
 assert_silu_epilogues_match_torch()
 torch.manual_seed(0)
 for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2), (2, 1)), (1, 64, 48, 9, 9, 5, 1, 2, 1),
-             (2, 24, 40, 6, 29, 3, 1, 1, 1), (1, 24, 40, 7, 37, 3, 2, 1, 1)]:  # 8- and 4-pixel depthwise steps
+             (2, 24, 40, 6, 29, 3, 1, 1, 1), (1, 24, 40, 7, 37, 3, 2, 1, 1),  # 8- and 4-pixel depthwise steps
+             (1, 263, 40, 5, 7, 3, 1, 1, 1)]:  # K >= 256: the weight prefetches' tile split (gemm_columns_pf)
     n, cin, cout, h, w, k, s, p, d = case
     pr = lambda v: (v, v) if isinstance(v, int) else v
     x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, mid_bias=True)

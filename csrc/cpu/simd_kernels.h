@@ -150,6 +150,17 @@ struct OutStore {
 // to a first form that tested every k step).
 constexpr int64_t kPrefetchK = 256;
 
+// AVX2: k steps ahead at which a 1x1 GEMM with K >= kPrefetchK prefetches its own weight panel into L1
+// (a 16-channel panel is K lines, 16-64 KB at K = 256-1024: it does not stay in the 32-48 KB L1 from one
+// pixel tile to the next, and from L3, for the first tile, the loads wait). With the next-panel
+// prefetch into L2 (gemm_columns_pf), measured on a Zen 4 running the AVX2 kernels (A/B in one process,
+// weights cold: 48 MB of copies rotated, 2 threads): 1x1 512->512 @8 0.90x the time, 1024->1024 @4 0.71x,
+// @2 0.70x, 512->512 @14 0.91x, 256->256 @8 0.90x (1 thread 0.61-0.88x; the L2 prefetch alone: @2 1.07x,
+// 32 steps ahead: @2 0.81x, else the same); 128->128 @28 (K below the bound) unchanged. Whole frozen
+// models (hot loop, 2 / 1 threads): cifar_mobilenetv1 0.94x / 0.91x, mobilenetv1 0.98x / 0.97x, resnet18
+// 0.99x, mobilenetv2 0.99x. The AVX-512 blocks (three panels) are not measured with it.
+constexpr int64_t kAheadK = kMaxNV == 2 ? 64 : 0;
+
 // One column block of packed weights: NV vectors of kLanes output channels, vector v's k = 0 row at
 // b[v] (k stride kNR), its bias at bias[v], its columns at offset v * kLanes of the store.
 template <int NV>
@@ -183,6 +194,7 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<N
   const Store st = block.at(p);
   const float* next = a + MR * lda;
   const int64_t len = LEN > 0 ? LEN : runs.len;
+  const int64_t ahead = (kAheadK > 0 && LEN == 0 && len >= kPrefetchK) ? kAheadK : 0;  // see kAheadK
   static_assert(MR <= 12 && NV >= 1 && NV <= 4 && MR * NV <= 24, "micro-tile too large");
   const float* b0 = w.b[0];
   const float* b1 = w.b[NV > 1 ? 1 : 0];
@@ -201,6 +213,9 @@ BSCONV_TARGET inline void gemm_micro(const float* a, int64_t lda, const Panels<N
     for (int64_t k = 0; k < len; ++k) {
       if constexpr (PF) __builtin_prefetch(next + (k >> 1) * 16, 0, 3);
       if constexpr (PFW) __builtin_prefetch(pfw + k * kNR, 0, 2);
+      if constexpr (kAheadK > 0 && LEN == 0) {
+        if (ahead > 0) __builtin_prefetch(b0 + (k + ahead) * kNR, 0, 3);  // loop-invariant: GCC unswitches it
+      }
       const VReg w0 = vload(b0 + k * kNR);
       const VReg w1 = NV > 1 ? vload(b1 + k * kNR) : w0;
       const VReg w2 = NV > 2 ? vload(b2 + k * kNR) : w0;
@@ -297,9 +312,9 @@ BSCONV_TARGET inline void gemm_columns(const float* a, int64_t lda, const Runs r
 // stream its weights from L3 at the FMAs' pace. A deep layer's weights (1 MB at 512 -> 512) do not stay
 // in L2 from one inference to the next. Measured (standalone replica, A/B in one binary, the weights
 // cold: 24 copies rotated): 1x1 512->512 @14 0.93-0.94x the time (1 and 2 threads), fused 512->512 @7
-// 0.94-0.95x, 1024->1024 @7 0.92-0.93x; with hot weights 0.98-1.05x. The AVX2 build (blocks of one
-// 16-channel panel, half the FMAs per k step) measured 1.00-1.04x on the same Xeon: not used there
-// (not measured on an AVX2-only CPU). The tile split and dispatch repeat gemm_columns' on purpose:
+// 0.94-0.95x, 1024->1024 @7 0.92-0.93x; with hot weights 0.98-1.05x. The AVX2 kernels (blocks of one
+// 16-channel panel) had measured 1.00-1.04x on an Intel Xeon; on a Zen 4 (AVX2 kernels, with kAheadK's
+// prefetch) they gain as much: see kAheadK. The tile split and dispatch repeat gemm_columns' on purpose:
 // folding them into gemm_columns with a per-tile test slowed 64->64 @56, which never prefetches, 4-9%.
 template <int NV, bool PF, typename Store>
 BSCONV_TARGET inline void gemm_columns_pf(const float* a, int64_t lda, const Runs runs, int64_t npix,
@@ -348,7 +363,7 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
       p.bias[v] = bias + cv;
     }
     const Store sc = st.shifted(c - c0);
-    if constexpr (LEN == 0 && NV == kMaxNV && kMaxNV > 2) {  // AVX-512 only (see gemm_columns_pf)
+    if constexpr (LEN == 0 && NV == kMaxNV) {  // the widest blocks (see gemm_columns_pf)
       const int64_t next = c + NV * kLanes, next_panels = ceil_div(c0 + cg - next, kNR);
       if (runs.n == 1 && K >= kPrefetchK && next_panels > 0) {
         const float* pf = w + (next / kNR) * K * kNR;
