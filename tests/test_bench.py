@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bsconv_fast
-from bsconv_fast import bench
+from bsconv_fast import bench, hide_avx512
 
 
 def test_help_lists_options():
@@ -176,8 +176,6 @@ def _detected(env):
 def test_hide_avx512_makes_every_detector_find_avx2():
     """--hide-avx512: PyTorch's own CPUID-based detection and bsconv_fast's (GCC's cpu model) both find an
     AVX2 CPU on a CPU with AVX-512, and the benchmark's machine line says so; without it they find AVX-512."""
-    from bsconv_fast import hide_avx512
-
     reason = hide_avx512.unsupported_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -188,8 +186,6 @@ def test_hide_avx512_makes_every_detector_find_avx2():
 
 
 def test_hide_avx512_refuses_a_relaunch_that_did_not_take(monkeypatch):
-    from bsconv_fast import hide_avx512
-
     monkeypatch.setenv(hide_avx512.MARKER, "1")  # as if relaunched, but in this process nothing is hidden
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with pytest.raises(RuntimeError, match="PyTorch detected AVX512"):
