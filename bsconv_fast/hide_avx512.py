@@ -10,8 +10,8 @@ library then finds an AVX2 + FMA CPU and runs the kernels it would run on one; t
 and clocks, so contenders compare as on such a machine (not a measurement of one: no AVX2-only CPU
 has this one's 512-bit data paths, e.g. its load width).
 
-`environment` starts a process so, `relaunch` re-executes the current command so; `active` tells whether this process runs so,
-checked against what PyTorch's own CPU detection found.
+`environment` gives the environment that starts a process so, `relaunch` re-executes the current command
+so, and `active` tells whether this process runs so, checked against PyTorch's own CPU detection.
 """
 import hashlib
 import os
