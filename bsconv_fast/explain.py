@@ -39,7 +39,11 @@ def explain(model, example_input):
     report = Report()
     handles = []
 
-    def record(name, module):
+    def add_row(name, mod, x, backend, reason):
+        report.append({"module": name or "(root)", "type": type(mod).__name__, "input": tuple(x.shape),
+                       "backend": backend, "reason": reason})
+
+    def record(name):
         def hook(mod, args):
             x = args[0]
             if hasattr(mod, "choice"):
@@ -49,23 +53,21 @@ def explain(model, example_input):
                 backend, reason = chosen
             else:
                 backend, reason = "reference", "not patched (call bsconv_fast.patch(model))"
-            report.append({"module": name or "(root)", "type": type(mod).__name__,
-                           "input": tuple(x.shape), "backend": backend, "reason": reason})
+            add_row(name, mod, x, backend, reason)
         return hook
 
-    def record_pytorch(name, module):
+    def record_pytorch(name):
         def hook(mod, args):
-            report.append({"module": name, "type": type(mod).__name__, "input": tuple(args[0].shape),
-                           "backend": "pytorch", "reason": _not_a_bsconv_layer(mod)})
+            add_row(name, mod, args[0], "pytorch", _not_a_bsconv_layer(mod))
         return hook
 
     reporting = []  # names of the modules that report themselves; convolutions inside them are theirs
     for name, module in model.named_modules():
         if hasattr(module, "choice") or _fused_class(module) is not None:
-            handles.append(module.register_forward_pre_hook(record(name, module)))
+            handles.append(module.register_forward_pre_hook(record(name)))
             reporting.append(name)
         elif isinstance(module, nn.Conv2d) and not any(_inside(name, owner) for owner in reporting):
-            handles.append(module.register_forward_pre_hook(record_pytorch(name, module)))
+            handles.append(module.register_forward_pre_hook(record_pytorch(name)))
     try:
         with torch.no_grad():
             model(example_input)
