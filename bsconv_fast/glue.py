@@ -145,7 +145,7 @@ class Activation(nn.Module):
 
 
 # The squeeze-excitation gates of the official models, matched by class name (bsconv is optional).
-SE_GATES = {"HSigmoid": F.hardsigmoid, "Sigmoid": torch.sigmoid}
+SE_GATES = {"HSigmoid": F.hardsigmoid, "Hardsigmoid": F.hardsigmoid, "Sigmoid": torch.sigmoid}
 
 
 class SqueezeExcite(nn.Module):

@@ -13,6 +13,10 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
     (InvertedResidual), ResNet units add their shortcut (x or its 1x1 projection) and apply the ReLU in
     the last fused layer's store, and run both fused layers as one op where that is faster
     (ResidualUnit), 1x1 heads and classifiers get their BN and act fused.
+  * Chains of plain layers in nn.Sequential stacks (nested stacks walked as one, as torchvision's
+    Conv2d -> BatchNorm2d -> activation stacks nest): a BSConv layer, or a 1x1 conv and a depthwise
+    conv, each with the BN and activation that follow, become one FusedPwDw; any other conv takes the
+    BN and activation after it (FusedPointwise, FusedConv, or a Conv2d with the BN in its bias).
   * Consecutive fused layers of nested nn.Sequential stacks (MobileNetV1's stages) pair up as FusedPair:
     one pw_dw_pair_packed call where the intermediate is large, the two layers otherwise.
   * Remaining ConvBlocks (plain conv -> BN -> act, the stems): the BN folds into the conv's bias, the
@@ -404,7 +408,7 @@ def pair_sequential_layers(module):
     for stack in stacks:
         if any(stack in m._modules.values() for m in stacks):
             continue  # nested in another stack: walked with it
-        layers = list(_sequential_layers(stack))
+        layers = [entry for entry in _sequential_layers(stack) if not isinstance(entry[2], nn.Identity)]
         i = 0
         while i + 1 < len(layers):
             (pa, na, a), (pb, nb, b) = layers[i], layers[i + 1]
@@ -413,6 +417,68 @@ def pair_sequential_layers(module):
                 i += 2
             else:
                 i += 1
+
+
+def _stack_parts(layers, i):
+    """layers[i] with the eval-mode BatchNorm and then the fusable activation that directly follow it (each
+    None where absent), and the index after them."""
+    bn = act = None
+    j = i + 1
+    if j < len(layers) and type(layers[j]) is nn.BatchNorm2d and _bn_ok(layers[j]):
+        bn, j = layers[j], j + 1
+    if j < len(layers) and activation_code(layers[j]) > 0:
+        act, j = layers[j], j + 1
+    return (layers[i], bn, act), j
+
+
+def _fuse_in_stack(layers, i):
+    """The module that replaces the chain of layers starting at layers[i] and the index after that chain,
+    or (None, i + 1): a BSConv layer, or a 1x1 conv and a depthwise conv, each with the BN and activation
+    that follow, fused (FusedPwDw); any other conv with its BN and activation folded (fold_conv)."""
+    (first, bn, act), j = _stack_parts(layers, i)
+    if isinstance(first, (BSConvU, BSConvS)):
+        return fuse_bsconv(first, bn, act), j
+    if type(first) is not nn.Conv2d:
+        return None, i + 1
+    if j < len(layers):
+        (dw, bn2, act2), k = _stack_parts(layers, j)
+        fused = fuse_pw_dw(first, bn, act, dw, bn2, act2)
+        if fused is not None:
+            return fused, k
+    return fold_conv(first, bn, act), j
+
+
+def fuse_stacks(module):
+    """Fuse chains of plain layers in the nn.Sequential stacks below and at `module`, nested stacks walked as
+    one (torchvision-style Conv2d -> BatchNorm2d -> activation stacks, nn.Sequential(BSConvU, BN, ReLU)):
+    see _fuse_in_stack. A chain's first layer becomes the fused module, the rest nn.Identity
+    (collapse_stacks tidies up)."""
+    stacks = [m for m in module.modules() if _is_stack(m)]
+    for stack in stacks:
+        if any(stack in m._modules.values() for m in stacks):
+            continue  # nested in another stack: walked with it
+        layers = [entry for entry in _sequential_layers(stack) if not isinstance(entry[2], nn.Identity)]
+        modules = [layer for _, _, layer in layers]
+        i = 0
+        while i < len(layers):
+            new, j = _fuse_in_stack(modules, i)
+            if new is not None:
+                for k, (parent, name, _) in enumerate(layers[i:j]):
+                    parent._modules[name] = new if k == 0 else nn.Identity()
+            i = j
+
+
+def collapse_stacks(module):
+    """Below `module`, replace each stack that fuse_stacks left with nn.Identity layers and at most one other
+    layer by that layer (or nn.Identity)."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        collapse_stacks(child)
+        layers = list(child._modules.values())
+        rest = [m for m in layers if not isinstance(m, nn.Identity)]
+        if _is_stack(child) and len(rest) <= 1 < len(layers):
+            module._modules[name] = rest[0] if rest else nn.Identity()
 
 
 def _bn_ok(bn):
@@ -448,13 +514,12 @@ def _block_parts(block):
         getattr(block, "activation", None) if block.use_activation else None)
 
 
-def fuse_inverted_residual(expand, depthwise):
-    """FusedPwDw for ConvBlock(1x1 conv, BN, act) -> ConvBlock(depthwise conv, BN, act)."""
-    pw, bn1, act1 = _block_parts(expand)
-    dw, bn2, act2 = _block_parts(depthwise)
+def fuse_pw_dw(pw, bn1, act1, dw, bn2, act2):
+    """FusedPwDw for 1x1 conv -> BN -> act -> depthwise conv -> BN -> act (BNs and acts optional: None),
+    or None where that chain does not fuse."""
     c1, c2 = activation_code(act1), activation_code(act2)
-    if (type(pw) is not nn.Conv2d or pw.kernel_size != (1, 1) or pw.groups != 1 or pw.stride != (1, 1)
-            or type(dw) is not nn.Conv2d or not (dw.groups == dw.in_channels == dw.out_channels == pw.out_channels)
+    if (not FusedPointwise.supports(pw) or pw.stride != (1, 1) or type(dw) is not nn.Conv2d
+            or not (dw.groups == dw.in_channels == dw.out_channels == pw.out_channels) or isinstance(dw.padding, str)
             or min(c1, c2) < 0 or not _bn_ok(bn1) or not _bn_ok(bn2) or dw.padding_mode != "zeros"):
         return None
     weight, mid_bias = pw.weight, pw.bias
@@ -466,9 +531,18 @@ def fuse_inverted_residual(expand, depthwise):
     return FusedPwDw(weight, mid_bias, dw_weight, bias, dw.stride, dw.padding, dw.dilation, c1, c2)
 
 
+def fuse_inverted_residual(expand, depthwise):
+    """FusedPwDw for ConvBlock(1x1 conv, BN, act) -> ConvBlock(depthwise conv, BN, act)."""
+    return fuse_pw_dw(*_block_parts(expand), *_block_parts(depthwise))
+
+
 def pointwise_from_block(block):
     """FusedPointwise for ConvBlock(1x1 conv, BN, act), or None."""
-    conv, bn, act = _block_parts(block)
+    return pointwise_from_parts(*_block_parts(block))
+
+
+def pointwise_from_parts(conv, bn, act):
+    """FusedPointwise for 1x1 conv -> BN -> act (BN and act optional: None), or None."""
     code = activation_code(act)
     if not FusedPointwise.supports(conv) or not _bn_ok(bn) or code < 0:
         return None
@@ -476,12 +550,17 @@ def pointwise_from_block(block):
 
 
 def fold_conv_block(block):
-    """conv -> BN -> act with the BN folded: a FusedPointwise for 1x1 convs, else a plain Conv2d
-    (with the BN in its bias) and the act."""
-    pointwise = pointwise_from_block(block)
+    """fold_conv for a ConvBlock's conv, BN and activation."""
+    return fold_conv(*_block_parts(block))
+
+
+def fold_conv(conv, bn, act):
+    """conv -> BN -> act (BN and act optional: None) with the BN folded: a FusedPointwise for 1x1 convs, a
+    FusedConv for the few-channel convs it supports, else a plain Conv2d (with the BN in its bias) and the
+    act; None where nothing folds."""
+    pointwise = pointwise_from_parts(conv, bn, act)
     if pointwise is not None:
         return pointwise
-    conv, bn, act = _block_parts(block)
     if FusedConv.supports(conv) and _bn_ok(bn) and activation_code(act) >= 0:
         return FusedConv.from_conv(conv, bn, activation_code(act))
     if type(conv) is not nn.Conv2d or not _bn_ok(bn) or bn is None:
@@ -513,12 +592,18 @@ def rewrite_linear_bottleneck(block):
 
 def rewrite_se_unit(unit):
     """SqueezeExcite for an official SEUnit (pool -> 1x1 -> act -> 1x1 -> gate, then x * gate), or None."""
-    code = activation_code(unit.activation1)
-    gate = SE_GATES.get(type(unit.activation2).__name__)
-    if (not GlobalAvgPool.supports(unit.pool) or not FusedPointwise.supports(unit.conv1)
-            or not FusedPointwise.supports(unit.conv2) or code < 0 or gate is None):
+    return squeeze_excite(unit.pool, unit.conv1, unit.activation1, unit.conv2, unit.activation2)
+
+
+def squeeze_excite(pool, squeeze, act, excite, gate):
+    """SqueezeExcite for pool -> 1x1 squeeze -> act -> 1x1 excite -> gate, then x * gate (official SEUnit,
+    torchvision's SqueezeExcitation), or None."""
+    code = activation_code(act)
+    gate_fn = SE_GATES.get(type(gate).__name__)
+    if (not GlobalAvgPool.supports(pool) or not FusedPointwise.supports(squeeze)
+            or not FusedPointwise.supports(excite) or code < 0 or gate_fn is None):
         return None
-    return SqueezeExcite(FusedPointwise.from_conv(unit.conv1, act=code), FusedPointwise.from_conv(unit.conv2), gate)
+    return SqueezeExcite(FusedPointwise.from_conv(squeeze, act=code), FusedPointwise.from_conv(excite), gate_fn)
 
 
 def rewrite_standard_unit(unit):
@@ -538,14 +623,104 @@ def rewrite_standard_unit(unit):
     return ResidualUnit(first, last, projection)
 
 
+# torchvision's ResNet blocks: the attributes their forward uses, in its order (BasicBlock: conv1 -> bn1 -> relu ->
+# conv2 -> bn2; Bottleneck: conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> conv3 -> bn3; then + x or downsample(x),
+# relu).
+_TV_RESNET_BLOCKS = {"BasicBlock": ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"),
+                     "Bottleneck": ("conv1", "bn1", "relu", "conv2", "bn2", "conv3", "bn3", "downsample")}
+
+
+# torchvision.ops.SqueezeExcitation: its forward's layers in order (then scale * input)
+_TV_SE = ("avgpool", "fc1", "activation", "fc2", "scale_activation")
+
+
+class ResidualChain(nn.Module):
+    """body(x), then `last` (a FusedPointwise or FusedPwDw), whose store adds the shortcut: x itself, or
+    shortcut(x) computed first (see ResidualUnit). torchvision's ResNet Bottleneck and InvertedResidual."""
+
+    def __init__(self, body, last, shortcut):
+        super().__init__()
+        self.body, self.last, self.shortcut = body, last, shortcut
+
+    def forward(self, x):
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return self.last(self.body(x), residual)
+
+
+def _only_layer(module):
+    """The one layer `module` runs: itself, or a stack's single layer besides nn.Identity (None if several)."""
+    if not _is_stack(module):
+        return module
+    layers = [layer for _, _, layer in _sequential_layers(module) if not isinstance(layer, nn.Identity)]
+    return layers[0] if len(layers) == 1 else None
+
+
+def _projection(downsample):
+    """FusedPointwise for a shortcut's projection (1x1 conv -> BN, fused by fuse_stacks), None for no
+    projection, False where it does not fuse."""
+    if downsample is None:
+        return None
+    layer = _only_layer(downsample)
+    return layer if type(layer) is FusedPointwise and layer.act == 0 else False
+
+
+def rewrite_resnet_block(block):
+    """ResidualUnit (BasicBlock) or ResidualChain (Bottleneck) for a torchvision ResNet block whose 3x3 convs
+    are BSConv layers (bsconv.pytorch.BSConvU_Replacer applied to the model), or None."""
+    relu = block.relu
+    projection = _projection(block.downsample)
+    if not isinstance(relu, nn.ReLU) or projection is False or not isinstance(block.conv2, (BSConvU, BSConvS)):
+        return None
+    if type(block).__name__ == "BasicBlock":
+        first = fuse_bsconv(block.conv1, block.bn1, relu) if isinstance(block.conv1, (BSConvU, BSConvS)) else None
+        last = fuse_bsconv(block.conv2, block.bn2)
+        if first is None or last is None:
+            return None
+        last.out_act = reference.ACTIVATIONS["relu"]
+        return ResidualUnit(first, last, projection)
+    code = reference.ACTIVATIONS["relu"]
+    first, mid = pointwise_from_parts(block.conv1, block.bn1, relu), fuse_bsconv(block.conv2, block.bn2, relu)
+    last = pointwise_from_parts(block.conv3, block.bn3, None)
+    if first is None or mid is None or last is None or type(last) is not FusedPointwise:
+        return None
+    last.act = code
+    return ResidualChain(nn.Sequential(first, mid), last, projection)
+
+
+def rewrite_skip_stack(block):
+    """ResidualChain for torchvision's MobileNetV2/V3 InvertedResidual with its skip connection (x + stack(x),
+    the stack in `conv` (V2) or `block` (V3)) once fuse_stacks has fused the stack's last 1x1 conv with its
+    BN: the projection's store adds x. None without the skip or where the projection did not fuse."""
+    stack = block._modules.get("conv", block._modules.get("block"))
+    if not block.use_res_connect or not _is_stack(stack):
+        return None
+    layers = [layer for _, _, layer in _sequential_layers(stack) if not isinstance(layer, nn.Identity)]
+    if len(layers) < 2 or type(layers[-1]) is not FusedPointwise or layers[-1].act != 0:
+        return None
+    _rewrite(stack)  # the layers before the projection (a squeeze-excitation unit's)
+    layers = [layer for _, _, layer in _sequential_layers(stack) if not isinstance(layer, nn.Identity)]
+    return ResidualChain(nn.Sequential(*layers[:-1]), layers[-1], None)
+
+
+def fuse_resnet_stem(module):
+    """torchvision's ResNet stem (conv1 -> bn1 -> relu -> maxpool, run in that order by its forward) as one
+    FusedConv with its pooling in conv1, the other three nn.Identity; `module` is left alone if it is not
+    such a ResNet or the stem does not fuse."""
+    if type(module).__name__ != "ResNet" or not all(hasattr(module, a) for a in ("conv1", "bn1", "relu", "maxpool")):
+        return
+    stem = fold_conv(module.conv1, module.bn1, module.relu) if isinstance(module.relu, nn.ReLU) else None
+    stem = stem.with_pool(module.maxpool) if isinstance(stem, FusedConv) else None
+    if stem is not None:
+        module.conv1, module.bn1, module.relu, module.maxpool = stem, nn.Identity(), nn.Identity(), nn.Identity()
+
+
 def _fused_conv_block(block):
     return fuse_bsconv(*_block_parts(block)) if _is_conv_block(block) and isinstance(block.conv, (BSConvU, BSConvS)) \
         else None
 
 
 def _rewrite(module):
-    """Rewrite patterns below `module` in place; returns the number of fused pointwise->depthwise pairs."""
-    count = 0
+    """Rewrite patterns below `module` in place."""
     for name, child in list(module._modules.items()):
         new = None
         kind = type(child).__name__
@@ -555,19 +730,21 @@ def _rewrite(module):
                 fused = fuse_inverted_residual(child.conv1, child.conv2)
                 if fused is not None:
                     child.conv1, child.conv2 = fused, nn.Identity()
-                    count += 1
         elif kind == "StandardUnit" and hasattr(child, "conv1") and hasattr(child, "relu"):
             new = rewrite_standard_unit(child)
+        elif kind in ("BasicBlock", "Bottleneck") and all(hasattr(child, a) for a in _TV_RESNET_BLOCKS[kind]):
+            new = rewrite_resnet_block(child)
+        elif kind == "InvertedResidual" and isinstance(getattr(child, "use_res_connect", None), bool):
+            new = rewrite_skip_stack(child)
         elif kind == "SEUnit" and hasattr(child, "conv1") and hasattr(child, "activation2"):
             new = rewrite_se_unit(child)
+        elif kind == "SqueezeExcitation" and all(hasattr(child, a) for a in _TV_SE):
+            new = squeeze_excite(*(getattr(child, a) for a in _TV_SE))
         elif kind == "InitUnitLarge" and _is_conv_block(getattr(child, "conv", None)) and hasattr(child, "pool"):
             stem = fold_conv_block(child.conv)  # the ResNet stem: conv -> BN -> ReLU -> max pool in one op
             new = stem.with_pool(child.pool) if isinstance(stem, FusedConv) else None
         elif _is_conv_block(child) and isinstance(child.conv, (BSConvU, BSConvS)):
             new = fuse_bsconv(*_block_parts(child))
-        elif isinstance(child, nn.Sequential) and len(child) in (2, 3) and isinstance(child[0], (BSConvU, BSConvS)) \
-                and isinstance(child[1], nn.BatchNorm2d) and activation_code(child[2] if len(child) == 3 else None) >= 0:
-            new = fuse_bsconv(child[0], child[1], child[2] if len(child) == 3 else None)
         elif isinstance(child, (BSConvU, BSConvS)):
             new = fuse_bsconv(child)
             if new is None:
@@ -584,10 +761,8 @@ def _rewrite(module):
             new = GlobalAvgPool()
         if new is not None:
             module._modules[name] = new
-            count += sum(isinstance(m, FusedPwDw) for m in new.modules())
         else:
-            count += _rewrite(child)
-    return count
+            _rewrite(child)
 
 
 def fold_input_affines(module):
@@ -631,13 +806,18 @@ def _optimized_copy(model, winograd):
         model = fuse_bsconv(model) or model
         fused = int(isinstance(model, FusedPwDw))
     else:
-        fused = _rewrite(model)
+        for module in list(model.modules()):
+            fuse_resnet_stem(module)
+        fuse_stacks(model)
+        _rewrite(model)
+        collapse_stacks(model)
         pair_sequential_layers(model)
         fold_input_affines(model)
         if not winograd:
             for module in model.modules():
                 if isinstance(module, FusedConv):
                     module.winograd = False
+        fused = sum(isinstance(m, FusedPwDw) for m in model.modules())
     return model, fused
 
 

@@ -52,8 +52,9 @@ def randomize_bn(module, mean, var, bias=None):
     bias ~ U(-bias, bias)."""
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-mean, mean)
-            m.running_var.uniform_(*var)
+            if m.running_mean is not None:  # None: a BN that always normalises with the batch's statistics
+                m.running_mean.uniform_(-mean, mean)
+                m.running_var.uniform_(*var)
             if bias is not None:
                 m.weight.data.uniform_(0.5, 1.5)
                 m.bias.data.uniform_(-bias, bias)

@@ -7,7 +7,10 @@ import torch
 import torch.nn as nn
 
 import bsconv_fast
-from bsconv_fast.optimize import FusedPointwise, FusedPwDw, InvertedResidual, ResidualUnit, fuse_inverted_residual
+import torchvision_like as tv
+from bsconv_fast.optimize import (FusedConv, FusedPointwise, FusedPwDw, InvertedResidual, ResidualChain, ResidualUnit,
+                                  fuse_inverted_residual)
+from bsconv_fast.glue import SqueezeExcite
 from helpers import assert_close_to_reference, assert_model_drift, randomize_bn
 
 B = pytest.importorskip("bsconv.pytorch")
@@ -178,3 +181,114 @@ def test_optimize_under_inference_mode_makes_ordinary_tensors():
             frozen(x)
         firsts.append(frozen.programs()[-1].splitlines()[0])  # "# replayed from C++ (..., N calls)"
     assert firsts[0] == firsts[1] == firsts[2] and "calls" in firsts[0]
+
+
+# ---- chains of plain layers in nn.Sequential stacks, and torchvision's blocks (tests/torchvision_like.py)
+
+# what must not run once a model's layers are fused: the BNs, the separate activations and adds, BN passes
+_UNFUSED_OPS = ("aten::batch_norm", "aten::add", "aten::add_", "aten::relu", "aten::relu_", "aten::hardtanh_",
+                "aten::max_pool2d", "bsconv_fast::channel_affine")
+
+
+def _op_calls(fast, x):
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fast(x)
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def _assert_matches_float64(fast, model, x, reduction, what):
+    with torch.inference_mode():
+        got = fast(x)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    assert_close_to_reference(got, want, reduction, what)
+
+
+def test_plain_layer_stacks_fuse_like_torchvision_mobilenet_v2():
+    torch.manual_seed(11)
+    model = tv.mobilenet_v2(8).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    # the three expand -> depthwise chains (Conv2dNormActivation stacks nested in the block's stack)
+    assert fast.bsconv_fast_fused == 3 == sum(isinstance(m, FusedPwDw) for m in fast.modules())
+    assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == 2  # the blocks with a skip: the add in the store
+    x = torch.randn(2, 3, 37, 45)
+    calls = _op_calls(fast, x)
+    assert calls.get("bsconv_fast::pw_dw_packed") == 3 and calls.get("aten::conv2d") == 1, calls
+    assert not any(calls.get(op) for op in _UNFUSED_OPS if op != "aten::hardtanh_"), calls
+    rows = [r for r in bsconv_fast.explain(fast, x) if r["backend"] == "pytorch"]
+    # the depthwise conv of the block without expansion (no 1x1 before it) is left to PyTorch, its BN folded
+    assert len(rows) == 1 and "depthwise 3x3" in rows[0]["reason"], rows
+    _assert_matches_float64(fast, model, x, 48 * 9, "mobilenet_v2-like")
+
+
+def test_plain_layer_stacks_fuse_like_torchvision_mobilenet_v3():
+    torch.manual_seed(15)
+    model = tv.mobilenet_v3(8).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    assert fast.bsconv_fast_fused == 2
+    assert sum(isinstance(m, SqueezeExcite) for m in fast.modules()) == 2  # torchvision's SqueezeExcitation
+    assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == 1
+    x = torch.randn(2, 3, 41, 35)
+    calls = _op_calls(fast, x)
+    assert calls.get("bsconv_fast::pw_dw_packed") == 2 and calls.get("bsconv_fast::global_avg_pool") == 2, calls
+    assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d", "aten::hardswish_")), calls
+    assert all(r["backend"] != "pytorch" for r in bsconv_fast.explain(fast, x))
+    _assert_matches_float64(fast, model, x, 48 * 25, "mobilenet_v3-like")
+
+
+def test_root_stack_of_bsconv_bn_act_folds():
+    torch.manual_seed(12)
+    model = nn.Sequential(bsconv_fast.BSConvU(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          bsconv_fast.BSConvU(16, 12, 5, stride=2, padding=2), nn.BatchNorm2d(12), nn.ReLU6()).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    assert fast.bsconv_fast_fused == 2
+    x = torch.randn(1, 8, 19, 23)
+    calls = _op_calls(fast, x)
+    assert calls.get("bsconv_fast::pw_dw_packed") == 2 and not any(calls.get(op) for op in _UNFUSED_OPS), calls
+    _assert_matches_float64(fast, model, x, 16 * 25, "root stack")
+
+
+def _chain(kind):
+    """1x1 conv -> BN -> act -> depthwise conv -> BN -> ReLU, changed as `kind` says."""
+    pw = nn.Conv2d(6, 10, 1, stride=2 if kind == "pw_stride" else 1, bias=kind == "pw_bias")
+    bn1 = nn.BatchNorm2d(10, track_running_stats=kind != "batch_stats_bn")
+    act = nn.GELU() if kind == "gelu" else nn.Hardswish()
+    dw = nn.Conv2d(10, 20 if kind == "multiplier" else 10, 3, padding=1, groups=10,
+                   padding_mode="reflect" if kind == "reflect" else "zeros")
+    return nn.Sequential(pw, bn1, act, dw, nn.BatchNorm2d(dw.out_channels), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("kind", ["plain", "pw_bias", "gelu", "batch_stats_bn", "pw_stride", "reflect", "multiplier"])
+def test_stack_chains_fuse_only_where_exact(kind):
+    torch.manual_seed(13)
+    model = _chain(kind)
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    fuses = kind in ("plain", "pw_bias")
+    assert fast.bsconv_fast_fused == int(fuses)
+    if not fuses:  # the 1x1 conv still takes its BN where that BN uses running statistics
+        pointwise = [m for m in fast.modules() if isinstance(m, FusedPointwise)]
+        assert len(pointwise) == 1 and (pointwise[0].bias is not None) == (kind != "batch_stats_bn")
+        assert any(type(m) is nn.BatchNorm2d for m in fast.modules()) == (kind == "batch_stats_bn")
+    _assert_matches_float64(fast, model, torch.randn(2, 6, 15, 13), 6 + 9, kind)
+
+
+@pytest.mark.parametrize("block", [tv.BasicBlock, tv.Bottleneck])
+def test_torchvision_resnet_with_bsconv_replacer_runs_fused(block):
+    torch.manual_seed(14)
+    model = B.BSConvU_Replacer().apply(tv.ResNet(block)).eval()  # bsconv's recipe: every 3x3 conv a BSConv-U
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    fused = 4 if block is tv.BasicBlock else 2
+    assert fast.bsconv_fast_fused == fused
+    units = [m for m in fast.modules() if isinstance(m, ResidualUnit if block is tv.BasicBlock else ResidualChain)]
+    assert len(units) == 2 and all(u.projection if hasattr(u, "projection") else u.shortcut for u in units[1:])
+    assert isinstance(fast.conv1, FusedConv) and fast.conv1.pool is not None  # conv1 -> bn1 -> relu -> maxpool
+    x = torch.randn(2, 3, 45, 39)
+    calls = _op_calls(fast, x)
+    assert calls.get("bsconv_fast::pw_dw_packed", 0) + 2 * calls.get("bsconv_fast::pw_dw_pair_packed", 0) == fused
+    assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d",)), calls
+    _assert_matches_float64(fast, model, x, 32 * 9, block.__name__)
