@@ -623,14 +623,17 @@ def rewrite_standard_unit(unit):
     return ResidualUnit(first, last, projection)
 
 
-# torchvision's ResNet blocks: the attributes their forward uses, in its order (BasicBlock: conv1 -> bn1 -> relu ->
-# conv2 -> bn2; Bottleneck: conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> conv3 -> bn3; then + x or downsample(x),
-# relu).
-_TV_RESNET_BLOCKS = {"BasicBlock": ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"),
-                     "Bottleneck": ("conv1", "bn1", "relu", "conv2", "bn2", "conv3", "bn3", "downsample")}
+def _is_torchvision(module, name):
+    """Whether `module` is torchvision's class `name`: its forward is known, so its layers can be rewritten (a
+    look-alike of another origin may run the same layers differently)."""
+    return type(module).__name__ == name and type(module).__module__.startswith("torchvision.")
 
 
-# torchvision.ops.SqueezeExcitation: its forward's layers in order (then scale * input)
+# torchvision's ResNet blocks; their forward: BasicBlock conv1 -> bn1 -> relu -> conv2 -> bn2, Bottleneck conv1 -> bn1
+# -> relu -> conv2 -> bn2 -> relu -> conv3 -> bn3; then + x or downsample(x), relu.
+_TV_RESNET_BLOCKS = ("BasicBlock", "Bottleneck")
+
+# torchvision.ops.SqueezeExcitation's forward: these layers in order, then scale * input.
 _TV_SE = ("avgpool", "fc1", "activation", "fc2", "scale_activation")
 
 
@@ -706,7 +709,7 @@ def fuse_resnet_stem(module):
     """torchvision's ResNet stem (conv1 -> bn1 -> relu -> maxpool, run in that order by its forward) as one
     FusedConv with its pooling in conv1, the other three nn.Identity; `module` is left alone if it is not
     such a ResNet or the stem does not fuse."""
-    if type(module).__name__ != "ResNet" or not all(hasattr(module, a) for a in ("conv1", "bn1", "relu", "maxpool")):
+    if not _is_torchvision(module, "ResNet"):
         return
     stem = fold_conv(module.conv1, module.bn1, module.relu) if isinstance(module.relu, nn.ReLU) else None
     stem = stem.with_pool(module.maxpool) if isinstance(stem, FusedConv) else None
@@ -732,13 +735,13 @@ def _rewrite(module):
                     child.conv1, child.conv2 = fused, nn.Identity()
         elif kind == "StandardUnit" and hasattr(child, "conv1") and hasattr(child, "relu"):
             new = rewrite_standard_unit(child)
-        elif kind in ("BasicBlock", "Bottleneck") and all(hasattr(child, a) for a in _TV_RESNET_BLOCKS[kind]):
+        elif kind in _TV_RESNET_BLOCKS and _is_torchvision(child, kind):
             new = rewrite_resnet_block(child)
-        elif kind == "InvertedResidual" and isinstance(getattr(child, "use_res_connect", None), bool):
+        elif _is_torchvision(child, "InvertedResidual"):
             new = rewrite_skip_stack(child)
         elif kind == "SEUnit" and hasattr(child, "conv1") and hasattr(child, "activation2"):
             new = rewrite_se_unit(child)
-        elif kind == "SqueezeExcitation" and all(hasattr(child, a) for a in _TV_SE):
+        elif _is_torchvision(child, "SqueezeExcitation"):
             new = squeeze_excite(*(getattr(child, a) for a in _TV_SE))
         elif kind == "InitUnitLarge" and _is_conv_block(getattr(child, "conv", None)) and hasattr(child, "pool"):
             stem = fold_conv_block(child.conv)  # the ResNet stem: conv -> BN -> ReLU -> max pool in one op

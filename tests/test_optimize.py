@@ -292,3 +292,22 @@ def test_torchvision_resnet_with_bsconv_replacer_runs_fused(block):
     assert calls.get("bsconv_fast::pw_dw_packed", 0) + 2 * calls.get("bsconv_fast::pw_dw_pair_packed", 0) == fused
     assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d",)), calls
     _assert_matches_float64(fast, model, x, 32 * 9, block.__name__)
+
+
+def test_look_alike_blocks_of_another_origin_are_left_to_their_forward():
+    """A class named like torchvision's, with its attributes, from another module: its forward may run them
+    differently (here the ReLU before the add is missing), so only its layers are rewritten one by one."""
+
+    class BasicBlock(tv.BasicBlock):  # defined here: __module__ is this test module
+        def forward(self, x):
+            return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x
+
+    torch.manual_seed(16)
+    model = B.BSConvU_Replacer().apply(nn.Sequential(BasicBlock(8, 8))).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    assert not any(isinstance(m, ResidualUnit) for m in fast.modules()) and fast.bsconv_fast_fused == 2
+    x = torch.randn(2, 8, 17, 19)
+    with torch.no_grad():
+        assert (model(x) < 0).any()  # the look-alike's output has negatives: a ReLU in the store would show
+    _assert_matches_float64(fast, model, x, 8 * 9, "look-alike")

@@ -1,6 +1,7 @@
 """Small copies of torchvision's model blocks (torchvision is not a test dependency; its CUDA wheels do not load
 against a CPU PyTorch): same class names, attributes and forward code as torchvision 0.28's resnet.py,
-mobilenetv2.py and ops/misc.py, so that optimize() meets what a user's torchvision model holds. Widths and depths
+mobilenetv2.py, mobilenetv3.py and ops/misc.py, and their torchvision module names (optimize() rewrites
+torchvision's blocks only), so that optimize() meets what a user's torchvision model holds. Widths and depths
 are cut down; layers are only what the forward code needs."""
 import torch.nn as nn
 
@@ -175,3 +176,10 @@ class ResNet(nn.Module):
         x = self.avgpool(x)
         x = x.flatten(1)
         return self.fc(x)
+
+
+# torchvision's module names: optimize() takes a block's forward as torchvision's only for classes from there
+for _cls, _module in ((InvertedResidual, "mobilenetv2"), (InvertedResidualV3, "mobilenetv3"),
+                      (BasicBlock, "resnet"), (Bottleneck, "resnet"), (ResNet, "resnet")):
+    _cls.__module__ = f"torchvision.models.{_module}"
+SqueezeExcitation.__module__ = "torchvision.ops.misc"
