@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import bsconv_fast
 import torchvision_like as tv
-from bsconv_fast.optimize import (FusedConv, FusedPointwise, FusedPwDw, InvertedResidual, ResidualChain, ResidualUnit,
+from bsconv_fast.optimize import (FusedConv, FusedLinear, FusedPointwise, FusedPwDw, InvertedResidual, ResidualChain, ResidualUnit,
                                   fuse_inverted_residual)
 from bsconv_fast.glue import SqueezeExcite
 from helpers import assert_close_to_reference, assert_model_drift, randomize_bn
@@ -227,13 +228,16 @@ def test_plain_layer_stacks_fuse_like_torchvision_mobilenet_v3():
     model = tv.mobilenet_v3(8).eval()
     randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
     fast = bsconv_fast.optimize(model)
-    assert fast.bsconv_fast_fused == 2
-    assert sum(isinstance(m, SqueezeExcite) for m in fast.modules()) == 2  # torchvision's SqueezeExcitation
-    assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == 1
+    assert fast.bsconv_fast_fused == 3
+    assert sum(isinstance(m, SqueezeExcite) for m in fast.modules()) == 3  # torchvision's SqueezeExcitation
+    assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == 1  # the last block: the skip in the store
+    # the classifier: both Linears large enough, the first with its Hardswish in the store
+    linears = [m for m in fast.modules() if isinstance(m, FusedLinear)]
+    assert [m.act for m in linears] == [bsconv_fast.ACTIVATIONS["hardswish"], 0]
     x = torch.randn(2, 3, 41, 35)
     calls = _op_calls(fast, x)
-    assert calls.get("bsconv_fast::pw_dw_packed") == 2 and calls.get("bsconv_fast::global_avg_pool") == 2, calls
-    assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d", "aten::hardswish_")), calls
+    assert calls.get("bsconv_fast::pw_dw_packed") == 3 and calls.get("bsconv_fast::global_avg_pool") == 4, calls
+    assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d", "aten::hardswish_", "aten::linear")), calls
     assert all(r["backend"] != "pytorch" for r in bsconv_fast.explain(fast, x))
     _assert_matches_float64(fast, model, x, 48 * 25, "mobilenet_v3-like")
 
@@ -311,3 +315,16 @@ def test_look_alike_blocks_of_another_origin_are_left_to_their_forward():
     with torch.no_grad():
         assert (model(x) < 0).any()  # the look-alike's output has negatives: a ReLU in the store would show
     _assert_matches_float64(fast, model, x, 8 * 9, "look-alike")
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (5, 300), (2, 3, 300)])
+def test_fused_linear_matches_and_small_layers_stay(shape):
+    torch.manual_seed(17)
+    linear = nn.Linear(300, 257)
+    fast = FusedLinear.from_linear(linear, bsconv_fast.ACTIVATIONS["silu"])
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got = fast(x)
+    want = F.silu(F.linear(x.double(), linear.weight.double(), linear.bias.double()))
+    assert_close_to_reference(got, want, 300, f"linear {shape}")
+    assert FusedLinear.supports(linear) and not FusedLinear.supports(nn.Linear(512, 10))

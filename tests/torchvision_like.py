@@ -83,12 +83,17 @@ class InvertedResidualV3(nn.Module):
 InvertedResidualV3.__name__ = "InvertedResidual"  # what optimize() matches, as in torchvision
 
 
-def mobilenet_v3(width=8):
+def mobilenet_v3(width=8, hidden=1024):
     """torchvision.models.MobileNetV3's layer pattern, cut down: a Hardswish stem, blocks with squeeze-excitation
-    (with and without the skip, ReLU and Hardswish, 3x3 and 5x5)."""
+    (with and without the skip, ReLU and Hardswish, 3x3 and 5x5), pooling and its classifier (Linear ->
+    Hardswish -> Dropout -> Linear)."""
     return nn.Sequential(conv_norm_act(3, width, stride=2, act=nn.Hardswish),
                          InvertedResidualV3(width, 4 * width, 2 * width, 5, 2, nn.ReLU),
-                         InvertedResidualV3(2 * width, 6 * width, 2 * width, 3, 1, nn.Hardswish))
+                         InvertedResidualV3(2 * width, 6 * width, 8 * width, 3, 1, nn.Hardswish),
+                         InvertedResidualV3(8 * width, 12 * width, 8 * width, 3, 1, nn.Hardswish),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                         nn.Sequential(nn.Linear(8 * width, hidden), nn.Hardswish(inplace=True), nn.Dropout(0.2),
+                                       nn.Linear(hidden, 100)))
 
 
 class BasicBlock(nn.Module):
