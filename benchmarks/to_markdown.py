@@ -1,4 +1,5 @@
-"""Render benchmark JSON files (python -m bsconv_fast bench --json ...) as one markdown report.
+"""Render benchmark JSON files (python -m bsconv_fast bench --json ..., benchmarks/torchvision_models.py --json ...)
+as one markdown report.
 
 usage: python benchmarks/to_markdown.py OUT.md IN.json [IN.json ...]
 """
@@ -29,7 +30,8 @@ def render(data):
              + (f", {data['pause_ms']:g} ms pause before each turn" if data.get("pause_ms") else ""), ""]
     summary = {k: v for k, v in data.items()
                if k not in ("rows", "machine", "commit", "date", "suite", "threads", "reps", "block", "pause_ms")}
-    lines.append("summary: " + ", ".join(f"{k} = {v:.2f}" for k, v in summary.items()))
+    lines.append("summary: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}"
+                                         for k, v in summary.items()))
     lines += ["", "| " + " | ".join(h for _, h in keys) + " |", "|" + "---|" * len(keys)]
     for r in data["rows"]:
         lines.append("| " + " | ".join(cell(k, r.get(k)) for k, _ in keys) + " |")

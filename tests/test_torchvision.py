@@ -1,0 +1,104 @@
+"""optimize() on torchvision's own model code, not the copies of tests/torchvision_like.py: an importable
+torchvision, or the models of the torchvision wheel file named by BSCONV_FAST_TORCHVISION_WHEEL (the README's
+test command downloads one; PyPI's CUDA build does not load against a CPU-only PyTorch, so its model code is
+loaded without the package: benchmarks/torchvision_models.load_from_wheel). Skipped with neither."""
+import copy
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bsconv_fast
+from bsconv_fast.optimize import FusedConv, FusedLinear, FusedPwDw, ResidualChain, ResidualUnit
+from helpers import assert_close_to_reference, randomize_bn
+
+B = pytest.importorskip("bsconv.pytorch")
+pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
+
+# what a fused torchvision model must no longer run (see test_optimize._UNFUSED_OPS); the MobileNets keep one
+# depthwise conv with its activation in PyTorch (below)
+_UNFUSED_OPS = ("aten::batch_norm", "aten::add", "aten::add_", "aten::max_pool2d", "aten::linear",
+                "bsconv_fast::channel_affine")
+_RESNET_UNFUSED_OPS = ("aten::conv2d", "aten::relu", "aten::relu_")
+
+
+def _torchvision_models():
+    try:
+        return importlib.import_module("torchvision.models")
+    except Exception:  # noqa: BLE001 - not installed, or a build that does not load here: try the wheel
+        pass
+    wheel = os.environ.get("BSCONV_FAST_TORCHVISION_WHEEL")
+    if not wheel:
+        pytest.skip("no importable torchvision and BSCONV_FAST_TORCHVISION_WHEEL not set")
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # what the failed import left
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import torchvision_models
+    torchvision_models.load_from_wheel(wheel)
+    return importlib.import_module("torchvision.models")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _torchvision_models()
+
+
+def _build(models, name, replacer):
+    module = {"mobilenet_v2": "mobilenetv2", "mobilenet_v3_small": "mobilenetv3", "resnet18": "resnet",
+              "resnet50": "resnet"}[name]
+    model = getattr(importlib.import_module(f"{models.__name__}.{module}"), name)(weights=None)
+    if replacer:
+        model = B.BSConvU_Replacer().apply(model)
+    randomize_bn(model.eval(), 0.3, (0.5, 1.5), bias=0.5)
+    return model
+
+
+def _blocks(model, name):
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
+def _expands(block):
+    """Whether a MobileNet InvertedResidual starts with a 1x1 expand conv (its stack: `conv` in V2, `block` in V3;
+    each entry a Conv2dNormActivation stack)."""
+    stack = block._modules.get("conv", block._modules.get("block"))
+    return stack[0][0].kernel_size == (1, 1)
+
+
+@pytest.mark.parametrize("name,replacer", [("mobilenet_v2", False), ("mobilenet_v3_small", False),
+                                           ("resnet18", True), ("resnet50", True)])
+def test_torchvision_model_runs_fused(models, name, replacer):
+    torch.manual_seed(18)
+    model = _build(models, name, replacer)
+    fast = bsconv_fast.optimize(model)
+    x = torch.randn(1, 3, 67, 61)
+    if name.startswith("mobilenet"):
+        blocks = _blocks(model, "InvertedResidual")
+        # every block with an expand 1x1 conv: expand -> depthwise fused; every block with a skip: the add in the
+        # projection's store; the one block without an expand conv keeps its depthwise conv in PyTorch
+        assert fast.bsconv_fast_fused == sum(map(_expands, blocks)) == len(blocks) - 1
+        assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == sum(b.use_res_connect for b in blocks)
+        pytorch_rows = [r for r in bsconv_fast.explain(fast, x) if r["backend"] == "pytorch"]
+        assert len(pytorch_rows) == 1 and "depthwise" in pytorch_rows[0]["reason"], pytorch_rows
+        assert sum(isinstance(m, FusedLinear) for m in fast.modules()) == len(
+            [m for m in model.classifier if isinstance(m, nn.Linear)])
+    else:
+        blocks = _blocks(model, "BasicBlock" if name == "resnet18" else "Bottleneck")
+        unit = ResidualUnit if name == "resnet18" else ResidualChain
+        assert sum(isinstance(m, unit) for m in fast.modules()) == len(blocks)
+        assert fast.bsconv_fast_fused == len(blocks) * (2 if name == "resnet18" else 1)
+        assert isinstance(fast.conv1, FusedConv) and fast.conv1.pool is not None
+        assert all(r["backend"] != "pytorch" for r in bsconv_fast.explain(fast, x))
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = fast(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    resnet = name.startswith("resnet")
+    assert not any(calls.get(op) for op in _UNFUSED_OPS + (_RESNET_UNFUSED_OPS if resnet else ())), calls
+    assert resnet or calls.get("aten::conv2d") == 1, calls
+    fused_calls = calls.get("bsconv_fast::pw_dw_packed", 0) + 2 * calls.get("bsconv_fast::pw_dw_pair_packed", 0)
+    assert fused_calls == sum(isinstance(m, FusedPwDw) for m in fast.modules())
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    assert_close_to_reference(got, want, 2048 * 9, name)
