@@ -169,7 +169,7 @@ class FusedLinear(FusedPointwise):
     torchvision mobilenet_v3_large, frozen, A/B in one process on AVX2 kernels: 0.95x the time on 1 thread,
     0.88x on 2; mobilenet_v2 0.97x and 0.94x. The layer alone (1280 -> 1000, 2 threads, AVX2): 0.70x at batch 1,
     0.51x at 8, 0.73x at 32, 0.85x at 128. Small layers stay nn.Linear (MIN_WEIGHTS): 512 -> 10 took 13 vs 5 us
-    at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32. Other than 2-D inputs run F.linear."""
+    at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32. Leading dims of the input are rows."""
 
     backend = "cpu-pointwise"
     MIN_WEIGHTS = 1 << 16
@@ -186,9 +186,10 @@ class FusedLinear(FusedPointwise):
         return cls(linear.weight, linear.bias, act)
 
     def forward(self, x):
-        if x.dim() == 2:
-            return super().forward(x[:, :, None, None]).reshape(x.shape[0], -1)
-        return reference.activation(F.linear(x, self.weight[:, :, 0, 0], self.bias), self.act)
+        if x.numel() == 0:
+            return reference.activation(F.linear(x, self.weight[:, :, 0, 0], self.bias), self.act)
+        rows = x.reshape(-1, x.shape[-1])  # any leading dims, as nn.Linear takes them
+        return super().forward(rows[:, :, None, None]).reshape(*x.shape[:-1], -1)
 
     def extra_repr(self):
         return super().extra_repr().replace(", stride=(1, 1)", "")

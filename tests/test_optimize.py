@@ -317,14 +317,15 @@ def test_look_alike_blocks_of_another_origin_are_left_to_their_forward():
     _assert_matches_float64(fast, model, x, 8 * 9, "look-alike")
 
 
-@pytest.mark.parametrize("shape", [(1, 300), (5, 300), (2, 3, 300)])
+@pytest.mark.parametrize("shape", [(1, 300), (5, 300), (2, 3, 300), (300,)])
 def test_fused_linear_matches_and_small_layers_stay(shape):
     torch.manual_seed(17)
     linear = nn.Linear(300, 257)
     fast = FusedLinear.from_linear(linear, bsconv_fast.ACTIVATIONS["silu"])
     x = torch.randn(shape)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.profiler.profile() as prof:
         got = fast(x)
+    assert {e.key: e.count for e in prof.key_averages()}.get("bsconv_fast::pw_packed") == 1  # every shape: rows
     want = F.silu(F.linear(x.double(), linear.weight.double(), linear.bias.double()))
     assert_close_to_reference(got, want, 300, f"linear {shape}")
     assert FusedLinear.supports(linear) and not FusedLinear.supports(nn.Linear(512, 10))
