@@ -61,6 +61,8 @@ if _ext.available():
     def _pw_dw_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act, residual=None):
         return empty_output(x, out_shape(x, out_channels, kernel, stride, padding, dilation))
 
+    torch.library.register_fake("bsconv_fast::dw_packed")(_pw_dw_packed_fake)  # same arguments and output
+
     @torch.library.register_fake("bsconv_fast::pw_dw_pair_packed")
     def _pw_dw_pair_packed_fake(x, packed, out_channels, kernel, stride, padding, dilation, mid_act, out_act, packed2,
                                 out_channels2, kernel2, stride2, padding2, dilation2, mid_act2, out_act2, residual):

@@ -116,6 +116,43 @@ class FusedPwDw(PackedInference, nn.Module):
         return reference.activation(functional.pw_dw(*args, 0) + residual, self.out_act)
 
 
+class FusedDepthwise(FusedPwDw):
+    """Inference depthwise conv act(dw(x) + bias) with a folded, frozen weight, where no 1x1 conv comes before it to
+    fuse with (MobileNetV2/V3's first block, a MobileNetV1 built from plain layers): bsconv_fast::dw_packed, the
+    fused op's depthwise stage on the input rows (its packing holds identity pointwise weights, never read);
+    F.conv2d otherwise. Not a fused pointwise->depthwise layer (bsconv_fast_fused does not count it)."""
+
+    def __init__(self, dw_weight, bias, stride, padding, dilation, act):
+        channels = dw_weight.shape[0]
+        eye = torch.eye(channels, dtype=dw_weight.dtype, device=dw_weight.device)[:, :, None, None]
+        super().__init__(eye, None, dw_weight, bias, stride, padding, dilation, 0, act)
+
+    @staticmethod
+    def supports(conv):
+        return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+    @classmethod
+    def from_conv(cls, conv, bn=None, act=0):
+        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        return cls(weight, bias, conv.stride, conv.padding, conv.dilation, act)
+
+    def choice(self, x):
+        backend, reason = super().choice(x)
+        return backend.replace("cpu-fused", "cpu-depthwise"), reason
+
+    def forward(self, x, residual=None):
+        plan = self._inference_plan(x)
+        if plan is not None and (residual is None or not (torch.is_grad_enabled() and residual.requires_grad)):
+            return torch.ops.bsconv_fast.dw_packed(x, self._packed_weights(), *plan, residual)
+        y = F.conv2d(x, self.dw_weight, self.bias, self.stride, self.padding, self.dilation, x.shape[1])
+        return reference.activation(y if residual is None else y + residual, self.out_act)
+
+    def extra_repr(self):
+        return super().extra_repr().split(", mid_act")[0].replace(f"{self.pw_weight.shape[1]}->", "channels=", 1) + (
+            f", act={self.out_act}")
+
+
 class FusedPointwise(PackedInference, nn.Module):
     """Inference 1x1 convolution act(conv1x1(x, weight, stride) + bias + residual) with a folded, frozen
     weight: bsconv_fast::pw_packed on CPU (float32 SIMD, float64 scalar), standard ops otherwise."""
@@ -438,6 +475,11 @@ def _sequential_layers(module):
             yield module, name, child
 
 
+def _pairs(layer):
+    """Whether `layer` can be one of a FusedPair (a pointwise->depthwise layer without a prefix)."""
+    return type(layer) is FusedPwDw and layer.prefix is None
+
+
 def pair_sequential_layers(module):
     """Wrap consecutive FusedPwDw layers of nested stacks (nn.Sequential) below `module` in FusedPair, two
     at a time in order (the pair decides per input whether it runs as one call)."""
@@ -449,7 +491,7 @@ def pair_sequential_layers(module):
         i = 0
         while i + 1 < len(layers):
             (pa, na, a), (pb, nb, b) = layers[i], layers[i + 1]
-            if isinstance(a, FusedPwDw) and isinstance(b, FusedPwDw) and a.prefix is None and b.prefix is None:
+            if _pairs(a) and _pairs(b):
                 pa._modules[na], pb._modules[nb] = FusedPair(a, b), nn.Identity()
                 i += 2
             else:
@@ -485,6 +527,8 @@ def _fuse_in_stack(layers, i):
         fused = fuse_pw_dw(first, bn, act, dw, bn2, act2)
         if fused is not None:
             return fused, k
+    if FusedDepthwise.supports(first):  # a depthwise conv with no 1x1 conv before it
+        return FusedDepthwise.from_conv(first, bn, activation_code(act)), j
     return fold_conv(first, bn, act), j
 
 
@@ -862,7 +906,7 @@ def _optimized_copy(model, winograd):
             for module in model.modules():
                 if isinstance(module, FusedConv):
                     module.winograd = False
-        fused = sum(isinstance(m, FusedPwDw) for m in model.modules())
+        fused = sum(type(m) is FusedPwDw for m in model.modules())
     return model, fused
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from bsconv_fast import ops
 from bsconv_fast.modules import BSConvS, BSConvU
-from bsconv_fast.optimize import FusedPointwise, FusedPwDw, _PairedLayers
+from bsconv_fast.optimize import FusedDepthwise, FusedPointwise, FusedPwDw, _PairedLayers
 
 FUSED = (BSConvU, BSConvS, FusedPwDw)  # counted as one unit; their children do not run
 
@@ -68,10 +68,11 @@ def _optimized_counts(module, x, y):
     weights are buffers there). Biases count one FLOP per element, activations as ReLU does."""
     n, _, h, w = x.shape
     mid_elems = n * module.pw_weight.shape[0] * h * w
-    macs = n * h * w * module.pw_weight.numel() + y[:, 0].numel() * module.dw_weight.numel()
+    pw_weight = None if isinstance(module, FusedDepthwise) else module.pw_weight  # its identity is never applied
+    macs = (0 if pw_weight is None else n * h * w * pw_weight.numel()) + y[:, 0].numel() * module.dw_weight.numel()
     flops = macs + (mid_elems if module.mid_bias is not None else 0) + (y.numel() if module.bias is not None else 0)
     flops += (mid_elems if module.mid_act else 0) + (y.numel() if module.out_act else 0)
-    params = sum(t.numel() for t in (module.pw_weight, module.mid_bias, module.dw_weight, module.bias) if t is not None)
+    params = sum(t.numel() for t in (pw_weight, module.mid_bias, module.dw_weight, module.bias) if t is not None)
     return flops, macs, params
 
 

@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &bsconv_fast::cpu::kernel_isa, "CPU kernel family: 'avx512', 'avx2-fma' or 'scalar'.");
   m.def("pw_dw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
                                      IntArrayRef, int64_t, int64_t, const OptTensor&)>::bind("bsconv_fast::pw_dw_packed"));
+  m.def("dw_packed", Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef,
+                                  IntArrayRef, int64_t, int64_t, const OptTensor&)>::bind("bsconv_fast::dw_packed"));
   m.def("pw_dw_pair_packed",
         Typed<Tensor(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
                      int64_t, int64_t, const Tensor&, int64_t, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef,
@@ -69,6 +71,12 @@ TORCH_LIBRARY(bsconv_fast, m) {
   m.def("pack(Tensor pw_weight, Tensor dw_weight, Tensor? mid_bias, Tensor? bias) -> Tensor");
   m.def(
       "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
+      "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");
+  // A depthwise layer alone, on the packing of a layer whose pointwise weights are the identity: the input
+  // rows go to the depthwise stage as they are (the pointwise weights are not read), mid_act 0,
+  // out_channels = the input's channels. Same arguments as pw_dw_packed.
+  m.def(
+      "dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
       "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");
   // Two such layers in one pass, the second on the first's output (never written to memory); with
   // residual=True x is added before the second's out_act2 (a ResNet unit with an identity shortcut):

@@ -122,6 +122,14 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     x, pw, dw, mb, b = random_problem(n, cin, cout, h, w, k, mid_bias=True)
     out = bsconv_fast.pw_dw(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2)
     assert_close_to_reference(out, ref64(x, pw, dw, mb, b, pr(s), pr(p), pr(d), 3, 2), cin + 25, str(case))
+    # the depthwise stage alone (dw_packed) on the input rows
+    xd = torch.randn(n, cout, h, w).contiguous(memory_format=torch.channels_last)
+    eye = torch.eye(cout)[:, :, None, None]
+    got = torch.ops.bsconv_fast.dw_packed(xd, torch.ops.bsconv_fast.pack(eye, dw, None, b), cout, list(dw.shape[2:]),
+                                          list(pr(s)), list(pr(p)), list(pr(d)), 0, 2)
+    want = torch.nn.functional.relu6(torch.nn.functional.conv2d(xd.double(), dw.double(), b.double(), pr(s), pr(p),
+                                                                pr(d), cout))
+    assert_close_to_reference(got, want, 25, "depthwise only " + str(case))
     # the packed op with a residual added before out_act
     r = torch.randn_like(out)
     packed = torch.ops.bsconv_fast.pw_dw_packed(x, torch.ops.bsconv_fast.pack(pw, dw, mb, b), cout, list(dw.shape[2:]),
@@ -201,6 +209,42 @@ def test_other_isa_paths(isa):
     if expected == "avx2-fma" and bsconv_fast._ext.cpu_kernel_isa() == "scalar":
         pytest.skip("this CPU has no AVX2")
     assert used == expected
+
+
+def _depthwise_problem(case, dtype=torch.float32):
+    """x (channels_last) and the packed depthwise layer of a GRID case on its output channels."""
+    n, _, c, h, w, k, s, p, d, bias = case
+    _, _, dw, _, b = random_problem(n, c, c, h, w, k, dtype=dtype, bias=bias)
+    x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.bsconv_fast.pack(torch.eye(c, dtype=dtype)[:, :, None, None], dw, None, b)
+    return x, dw, b, packed, [list(_pair(v)) for v in (s, p, d)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", GRID, ids=[str(i) for i in range(len(GRID))])
+def test_depthwise_only_op(case, dtype):
+    """dw_packed: the depthwise stage on the input rows themselves (a depthwise conv with no 1x1 before it),
+    every kernel shape, stride, padding and dilation of the grid, channels padded or not, with an activation
+    and a residual before it (outputs NaN-poisoned first)."""
+    torch.manual_seed(19)
+    x, dw, b, packed, (s, p, d) = _depthwise_problem(case, dtype)
+    c, kernel = x.shape[1], list(dw.shape[2:])
+    before_act = F.conv2d(x.double(), dw.double(), None if b is None else b.double(), s, p, d, c)
+    residual = torch.randn(before_act.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for res, act in ((None, 3), (residual, 2)):
+        out = torch.ops.bsconv_fast.dw_packed(x, packed, c, kernel, s, p, d, 0, act, res)
+        want = reference.activation(before_act + (0 if res is None else res.double()), act)
+        assert_close_to_reference(out, want, dw.shape[2] * dw.shape[3], f"{case} act {act}")
+
+
+def test_depthwise_only_op_validates():
+    x, dw, b, packed, (s, p, d) = _depthwise_problem(GRID[2])
+    c, kernel = x.shape[1], list(dw.shape[2:])
+    torch.library.opcheck(torch.ops.bsconv_fast.dw_packed.default, (x, packed, c, kernel, s, p, d, 0, 1))
+    with pytest.raises(RuntimeError, match="keeps its channels"):
+        torch.ops.bsconv_fast.dw_packed(x[:, 1:], packed, c, kernel, s, p, d, 0, 1)
+    with pytest.raises(RuntimeError, match="mid_act must be 0"):
+        torch.ops.bsconv_fast.dw_packed(x, packed, c, kernel, s, p, d, 1, 1)
 
 
 def test_packed_op_matches_unpacked_and_validates():

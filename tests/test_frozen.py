@@ -185,7 +185,9 @@ def test_typed_entry_points_match_torch_ops():
     packed2 = ops.pack(torch.randn(5, 19, 1, 1), torch.randn(5, 1, 3, 3), None, torch.randn(5))
     packed_conv = ops.pack_pw(torch.randn(19, 27, 1, 1), None)
     residual = torch.randn(2, 19, 7, 6).contiguous(memory_format=torch.channels_last)
+    packed_dw = ops.pack(torch.eye(5)[:, :, None, None], torch.randn(5, 1, 3, 3), None, torch.randn(5))
     calls = [(ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3)),
+             (ops.dw_packed, (x, packed_dw, 5, [3, 3], [2, 2], [1, 1], [1, 1], 0, 2)),
              (ops.pw_dw_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3, residual)),
              (ops.pw_dw_pair_packed, (x, packed, 19, [3, 3], [2, 2], [1, 1], [1, 1], 1, 3, packed2, 5, [3, 3], [1, 1],
                                       [1, 1], [1, 1], 0, 1, False)),

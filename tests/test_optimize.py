@@ -8,8 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bsconv_fast
+from bsconv_fast import _ext
 import torchvision_like as tv
-from bsconv_fast.optimize import (FusedConv, FusedLinear, FusedPointwise, FusedPwDw, InvertedResidual, ResidualChain, ResidualUnit,
+from bsconv_fast.optimize import (FusedConv, FusedDepthwise, FusedLinear, FusedPointwise, FusedPwDw, InvertedResidual, ResidualChain, ResidualUnit,
                                   fuse_inverted_residual)
 from bsconv_fast.glue import SqueezeExcite
 from helpers import assert_close_to_reference, assert_model_drift, randomize_bn
@@ -34,7 +35,7 @@ def test_optimized_official_model_matches(name, fused):
     x = torch.randn(2, 3, 32, 32)
     fast = bsconv_fast.optimize(model)
     assert fast.bsconv_fast_fused == fused
-    assert sum(isinstance(m, FusedPwDw) for m in fast.modules()) == fused
+    assert sum(type(m) is FusedPwDw for m in fast.modules()) == fused
     backends = set(bsconv_fast.explain(fast, x).backends().values())
     isa = bsconv_fast._ext.cpu_kernel_isa()
     # every layer on a bsconv_fast kernel: fused pairs, 1x1 convs, the stem (a BSConv in some), the input
@@ -211,15 +212,15 @@ def test_plain_layer_stacks_fuse_like_torchvision_mobilenet_v2():
     randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
     fast = bsconv_fast.optimize(model)
     # the three expand -> depthwise chains (Conv2dNormActivation stacks nested in the block's stack)
-    assert fast.bsconv_fast_fused == 3 == sum(isinstance(m, FusedPwDw) for m in fast.modules())
+    assert fast.bsconv_fast_fused == 3 == sum(type(m) is FusedPwDw for m in fast.modules())
     assert sum(isinstance(m, ResidualChain) for m in fast.modules()) == 2  # the blocks with a skip: the add in the store
     x = torch.randn(2, 3, 37, 45)
     calls = _op_calls(fast, x)
-    assert calls.get("bsconv_fast::pw_dw_packed") == 3 and calls.get("aten::conv2d") == 1, calls
-    assert not any(calls.get(op) for op in _UNFUSED_OPS if op != "aten::hardtanh_"), calls
-    rows = [r for r in bsconv_fast.explain(fast, x) if r["backend"] == "pytorch"]
-    # the depthwise conv of the block without expansion (no 1x1 before it) is left to PyTorch, its BN folded
-    assert len(rows) == 1 and "depthwise 3x3" in rows[0]["reason"], rows
+    # the depthwise conv of the block without expansion (no 1x1 before it) runs alone, its BN and ReLU6 in it
+    assert calls.get("bsconv_fast::pw_dw_packed") == 3 and calls.get("bsconv_fast::dw_packed") == 1, calls
+    assert not any(calls.get(op) for op in _UNFUSED_OPS + ("aten::conv2d",)), calls
+    backends = [r["backend"] for r in bsconv_fast.explain(fast, x)]
+    assert "pytorch" not in backends and backends.count(f"cpu-depthwise ({_ext.cpu_kernel_isa()})") == 1, backends
     _assert_matches_float64(fast, model, x, 48 * 9, "mobilenet_v2-like")
 
 
@@ -277,6 +278,9 @@ def test_stack_chains_fuse_only_where_exact(kind):
         pointwise = [m for m in fast.modules() if isinstance(m, FusedPointwise)]
         assert len(pointwise) == 1 and (pointwise[0].bias is not None) == (kind != "batch_stats_bn")
         assert any(type(m) is nn.BatchNorm2d for m in fast.modules()) == (kind == "batch_stats_bn")
+        # the depthwise conv alone with its BN and ReLU, where it is one (zero padding, no channel multiplier)
+        alone = sum(isinstance(m, FusedDepthwise) for m in fast.modules())
+        assert alone == (kind not in ("reflect", "multiplier")), alone
     _assert_matches_float64(fast, model, torch.randn(2, 6, 15, 13), 6 + 9, kind)
 
 

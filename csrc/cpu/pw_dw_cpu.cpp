@@ -67,6 +67,7 @@ struct Geometry {
   int64_t KH, KW, sh, sw, ph, pw, dh, dw, OH, OW;
   int64_t mid_act, out_act;
   bool stream_out;  // write the output with non-temporal stores (see make_geometry)
+  bool copy_in;     // no pointwise stage: the input rows are the intermediate (bsconv_fast::dw_packed)
 };
 
 template <typename T>
@@ -400,7 +401,11 @@ class LayerRows {
       while (next_row_ <= last) {
         const int64_t slot = next_row_ % ring_rows_;
         const int64_t count = std::min(last - next_row_ + 1, ring_rows_ - slot);
-        K::pw_rows(g_, o_, input(next_row_, count), count * g_.W, c0_, cg_, ring_ + slot * row_elems_);
+        if (g_.copy_in) {
+          copy_rows(input(next_row_, count), count * g_.W, ring_ + slot * row_elems_);
+        } else {
+          K::pw_rows(g_, o_, input(next_row_, count), count * g_.W, c0_, cg_, ring_ + slot * row_elems_);
+        }
         next_row_ += count;
       }
     }
@@ -412,6 +417,16 @@ class LayerRows {
   }
 
  private:
+  // Channels [c0, c0 + cg) of npix input pixels into the ring as they are (zeros past Cin): the depthwise
+  // stage's rows of a layer without a pointwise stage.
+  void copy_rows(const T* a, int64_t npix, T* out) const {
+    const int64_t n = std::min(cg_, g_.Cin - c0_);
+    for (int64_t p = 0; p < npix; ++p, a += g_.Cin, out += cg_) {
+      std::copy(a + c0_, a + c0_ + n, out);
+      std::fill(out + n, out + cg_, T(0));
+    }
+  }
+
   const Geometry& g_;
   const Operands<T>& o_;
   const int64_t c0_, cg_, ring_rows_, row_elems_;
@@ -435,7 +450,7 @@ void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, in
 }
 
 int64_t layer_macs(const Geometry& g) {
-  return g.N * g.H * g.W * g.Cin * g.Cp + g.N * g.OH * g.OW * g.Cp * g.KH * g.KW;
+  return (g.copy_in ? 0 : g.N * g.H * g.W * g.Cin * g.Cp) + g.N * g.OH * g.OW * g.Cp * g.KH * g.KW;
 }
 
 template <typename T, typename K>
@@ -1259,6 +1274,19 @@ at::Tensor pw_dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64
   return run_packed(x, packed, g, residual);
 }
 
+at::Tensor dw_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_channels, at::IntArrayRef kernel,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t mid_act,
+                         int64_t out_act, const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 4, "bsconv_fast::dw_packed: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) == out_channels, "bsconv_fast::dw_packed: a depthwise layer keeps its channels: x has ",
+              x.size(1), ", out_channels is ", out_channels);
+  TORCH_CHECK(mid_act == 0, "bsconv_fast::dw_packed: mid_act must be 0 (there is no pointwise stage), got ", mid_act);
+  Geometry g = packed_geometry("bsconv_fast::dw_packed", x.sizes(), x.scalar_type(), packed, out_channels, kernel,
+                               stride, padding, dilation, mid_act, out_act);
+  g.copy_in = true;
+  return run_packed(x, packed, g, residual);
+}
+
 at::Tensor pw_dw_pair_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_channels,
                                  at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t mid_act, int64_t out_act, const at::Tensor& packed2,
@@ -1527,6 +1555,7 @@ TORCH_LIBRARY_IMPL(bsconv_fast, CPU, m) {
   m.impl("pw_dw", &pw_dw_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("pw_dw_packed", &pw_dw_packed_cpu);
+  m.impl("dw_packed", &dw_packed_cpu);
   m.impl("pw_dw_pair_packed", &pw_dw_pair_packed_cpu);
   m.impl("pack_pw", &pack_pw_cpu);
   m.impl("pack_winograd", &pack_winograd_cpu);
