@@ -16,8 +16,9 @@ Patterns rewritten (official bsconv.pytorch model zoo and equivalent own modules
   * Chains of plain layers in nn.Sequential stacks (nested stacks walked as one, as torchvision's
     Conv2d -> BatchNorm2d -> activation stacks nest): a BSConv layer, or a 1x1 conv and a depthwise
     conv, each with the BN and activation that follow, become one FusedPwDw; any other conv takes the
-    BN and activation after it (FusedPointwise, FusedConv, or a Conv2d with the BN in its bias), a large
-    nn.Linear its activation (FusedLinear, the 1x1 op on the rows).
+    BN and activation after it (FusedPointwise, FusedConv, FusedDepthwise for a depthwise conv with no 1x1
+    before it, or a Conv2d with the BN in its bias), a large nn.Linear its activation (FusedLinear, the 1x1
+    op on the rows).
   * torchvision's blocks (classes from torchvision's modules, whose forward is known): ResNet's stem,
     BasicBlock and Bottleneck with BSConv 3x3 convs (bsconv's BSConvU_Replacer applied), MobileNetV2/V3's
     InvertedResidual with its skip, SqueezeExcitation.
@@ -513,8 +514,8 @@ def _stack_parts(layers, i):
 def _fuse_in_stack(layers, i):
     """The module that replaces the chain of layers starting at layers[i] and the index after that chain,
     or (None, i + 1): a BSConv layer, or a 1x1 conv and a depthwise conv, each with the BN and activation
-    that follow, fused (FusedPwDw); any other conv with its BN and activation folded (fold_conv); a large
-    nn.Linear with its activation (FusedLinear)."""
+    that follow, fused (FusedPwDw); a depthwise conv alone (FusedDepthwise) or any other conv with its BN and
+    activation folded (fold_conv); a large nn.Linear with its activation (FusedLinear)."""
     (first, bn, act), j = _stack_parts(layers, i)
     if isinstance(first, (BSConvU, BSConvS)):
         return fuse_bsconv(first, bn, act), j
