@@ -139,8 +139,9 @@ class FusedDepthwise(FusedPwDw):
         return cls(weight, bias, conv.stride, conv.padding, conv.dilation, act)
 
     def choice(self, x):
-        backend, reason = super().choice(x)
-        return backend.replace("cpu-fused", "cpu-depthwise"), reason
+        if self._inference_plan(x) is None:  # what forward then runs: F.conv2d
+            return "reference", cpu_op_reason(x, self._buffers["dw_weight"]) or "no packed CPU plan for this input"
+        return f"cpu-depthwise ({_ext.cpu_kernel_isa()})", ""
 
     def forward(self, x, residual=None):
         plan = self._inference_plan(x)
@@ -150,8 +151,9 @@ class FusedDepthwise(FusedPwDw):
         return reference.activation(y if residual is None else y + residual, self.out_act)
 
     def extra_repr(self):
-        return super().extra_repr().split(", mid_act")[0].replace(f"{self.pw_weight.shape[1]}->", "channels=", 1) + (
-            f", act={self.out_act}")
+        acts = {v: k for k, v in reference.ACTIVATIONS.items()}
+        return (f"channels={self.dw_weight.shape[0]}, kernel={tuple(self.dw_weight.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, act={acts[self.out_act]}")
 
 
 class FusedPointwise(PackedInference, nn.Module):

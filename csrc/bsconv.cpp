@@ -73,8 +73,8 @@ TORCH_LIBRARY(bsconv_fast, m) {
       "pw_dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
       "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");
   // A depthwise layer alone, on the packing of a layer whose pointwise weights are the identity: the input
-  // rows go to the depthwise stage as they are (the pointwise weights are not read), mid_act 0,
-  // out_channels = the input's channels. Same arguments as pw_dw_packed.
+  // rows go to the depthwise stage as they are (the pointwise weights and the mid bias are not read),
+  // mid_act 0, out_channels = the input's channels. Same arguments as pw_dw_packed.
   m.def(
       "dw_packed(Tensor x, Tensor packed, int out_channels, int[2] kernel, int[2] stride, "
       "int[2] padding, int[2] dilation, int mid_act, int out_act, Tensor? residual=None) -> Tensor");

@@ -333,3 +333,21 @@ def test_fused_linear_matches_and_small_layers_stay(shape):
     want = F.silu(F.linear(x.double(), linear.weight.double(), linear.bias.double()))
     assert_close_to_reference(got, want, 300, f"linear {shape}")
     assert FusedLinear.supports(linear) and not FusedLinear.supports(nn.Linear(512, 10))
+
+
+def test_depthwise_alone_reports_and_runs_its_fallback():
+    """FusedDepthwise falls back to F.conv2d (not the identity pointwise its packing holds) and says so."""
+    torch.manual_seed(20)
+    conv = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6)
+    layer = FusedDepthwise.from_conv(conv, act=bsconv_fast.ACTIVATIONS["relu6"])
+    x = torch.randn(2, 6, 9, 11)
+    assert layer.choice(x) == (f"cpu-depthwise ({_ext.cpu_kernel_isa()})", "")
+    backend, reason = layer.choice(x.requires_grad_())
+    assert backend == "reference" and "autograd" in reason
+    y = layer(x)
+    y.sum().backward()
+    want = F.relu6(F.conv2d(x.detach().double(), conv.weight.double(), conv.bias.double(), 1, 2, 2, 6))
+    assert_close_to_reference(y.detach(), want, 9, "fallback")
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.inference_mode():
+        assert_close_to_reference(layer(x.detach()), want, 9, "dw_packed")
