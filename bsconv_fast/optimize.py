@@ -203,13 +203,13 @@ class FusedPointwise(PackedInference, nn.Module):
 
 
 class FusedLinear(FusedPointwise):
-    """Inference nn.Linear act(x @ weight.T + bias) (+ the activation after it in a stack): rows of a 2-D input
-    are the 1x1 op's pixels (bsconv_fast::pw_packed). At batch 1 the classifiers' weights (5-10 MB) come from
+    """Inference nn.Linear act(x @ weight.T + bias) (+ the activation after it in a stack): the input's rows (its
+    leading dims flattened) are the 1x1 op's pixels (bsconv_fast::pw_packed). At batch 1 the classifiers' weights (5-10 MB) come from
     memory or the last-level cache, and the op's weight prefetch and thread split beat PyTorch's linear:
     torchvision mobilenet_v3_large, frozen, A/B in one process on AVX2 kernels: 0.95x the time on 1 thread,
     0.88x on 2; mobilenet_v2 0.97x and 0.94x. The layer alone (1280 -> 1000, 2 threads, AVX2): 0.70x at batch 1,
     0.51x at 8, 0.73x at 32, 0.85x at 128. Small layers stay nn.Linear (MIN_WEIGHTS): 512 -> 10 took 13 vs 5 us
-    at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32. Leading dims of the input are rows."""
+    at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32."""
 
     backend = "cpu-pointwise"
     MIN_WEIGHTS = 1 << 16
