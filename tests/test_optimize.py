@@ -351,3 +351,25 @@ def test_depthwise_alone_reports_and_runs_its_fallback():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.inference_mode():
         assert_close_to_reference(layer(x.detach()), want, 9, "dw_packed")
+
+
+@pytest.mark.parametrize("block", [tv.BasicBlock, tv.Bottleneck])
+def test_torchvision_resnet_without_replacer_folds_its_bns(block):
+    """Dense 3x3 convs (no BSConv replacer): each block's BNs fold into its convs (1x1 ones on the 1x1 op), no BN
+    pass left; the block keeps its own forward."""
+    torch.manual_seed(21)
+    model = tv.ResNet(block).eval()
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
+    fast = bsconv_fast.optimize(model)
+    x = torch.randn(2, 3, 45, 39)
+    calls = _op_calls(fast, x)
+    assert not any(calls.get(op) for op in ("aten::batch_norm", "bsconv_fast::channel_affine")), calls
+    blocks = [m for m in fast.modules() if type(m) is block]
+    assert len(blocks) == 2 and all(type(getattr(b, name)) is nn.Identity for b in blocks
+                                    for name in ("bn1", "bn2") + (("bn3",) if block is tv.Bottleneck else ()))
+    # the 3x3 conv of 16 input channels stays PyTorch's conv, its BN in its bias (8-channel ones: FusedConv), its
+    # weight channels_last as its input (oneDNN would reorder it on every call)
+    dense = [m for m in fast.modules() if type(m) is nn.Conv2d]
+    assert dense and all(m.bias is not None and m.weight.is_contiguous(memory_format=torch.channels_last)
+                         for m in dense)
+    _assert_matches_float64(fast, model, x, 64 * 9, block.__name__)

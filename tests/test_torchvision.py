@@ -97,3 +97,22 @@ def test_torchvision_model_runs_fused(models, name, replacer):
     with torch.no_grad():
         want = copy.deepcopy(model).double()(x.double())
     assert_close_to_reference(got, want, 2048 * 9, name)
+
+
+def test_torchvision_plain_resnet_folds_its_bns(models):
+    """torchvision's resnet18 as published (dense 3x3 convs, no replacer): its convs stay PyTorch's, with their BNs
+    folded in and channels_last weights; no BN pass left."""
+    torch.manual_seed(22)
+    model = _build(models, "resnet18", False)
+    fast = bsconv_fast.optimize(model)
+    x = torch.randn(1, 3, 67, 61)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = fast(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert not any(calls.get(op) for op in ("aten::batch_norm", "bsconv_fast::channel_affine")), calls
+    dense = [m for m in fast.modules() if type(m) is nn.Conv2d]
+    assert len(dense) == 16 and all(m.bias is not None and m.weight.is_contiguous(memory_format=torch.channels_last)
+                                    for m in dense)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    assert_close_to_reference(got, want, 512 * 9, "resnet18 plain")
