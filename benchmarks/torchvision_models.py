@@ -32,8 +32,10 @@ import torch
 import bsconv_fast
 from bsconv_fast import bench, heap, hide_avx512
 
-MODELS = {"mobilenet_v2": "mobilenetv2", "mobilenet_v3_large": "mobilenetv3", "resnet18": "resnet",
-          "resnet50": "resnet"}
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50")
+# the torchvision.models module that defines each model build() takes (tests/test_torchvision.py builds mobilenet_v3_small too)
+MODULES = {"mobilenet_v2": "mobilenetv2", "mobilenet_v3_large": "mobilenetv3", "mobilenet_v3_small": "mobilenetv3",
+           "resnet18": "resnet", "resnet50": "resnet"}
 
 
 def _package(name, path=None):
@@ -61,7 +63,7 @@ def load_from_wheel(wheel):
 
 
 def build(name, replacer):
-    module = importlib.import_module(f"torchvision.models.{MODELS[name]}")
+    module = importlib.import_module(f"torchvision.models.{MODULES[name]}")
     model = getattr(module, name)(weights=None)
     if replacer != "none":
         import bsconv.pytorch as B

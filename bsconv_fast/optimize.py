@@ -470,12 +470,19 @@ def _is_stack(module):
 
 def _sequential_layers(module):
     """(parent, name, layer) of the layers a stack of nested stacks runs one after the other, in that
-    order: each one's output is the next one's input."""
+    order: each one's output is the next one's input (nn.Identity layers, no-ops, skipped)."""
     for name, child in module._modules.items():
         if _is_stack(child):
             yield from _sequential_layers(child)
-        else:
+        elif not isinstance(child, nn.Identity):
             yield module, name, child
+
+
+def _outer_stacks(module):
+    """The stacks below and at `module` that are not a child of another stack (nested ones are walked with
+    it by _sequential_layers)."""
+    stacks = [m for m in module.modules() if _is_stack(m)]
+    return [stack for stack in stacks if not any(stack in m._modules.values() for m in stacks)]
 
 
 def _pairs(layer):
@@ -486,11 +493,8 @@ def _pairs(layer):
 def pair_sequential_layers(module):
     """Wrap consecutive FusedPwDw layers of nested stacks (nn.Sequential) below `module` in FusedPair, two
     at a time in order (the pair decides per input whether it runs as one call)."""
-    stacks = [m for m in module.modules() if _is_stack(m)]
-    for stack in stacks:
-        if any(stack in m._modules.values() for m in stacks):
-            continue  # nested in another stack: walked with it
-        layers = [entry for entry in _sequential_layers(stack) if not isinstance(entry[2], nn.Identity)]
+    for stack in _outer_stacks(module):
+        layers = list(_sequential_layers(stack))
         i = 0
         while i + 1 < len(layers):
             (pa, na, a), (pb, nb, b) = layers[i], layers[i + 1]
@@ -540,11 +544,8 @@ def fuse_stacks(module):
     one (torchvision-style Conv2d -> BatchNorm2d -> activation stacks, nn.Sequential(BSConvU, BN, ReLU)):
     see _fuse_in_stack. A chain's first layer becomes the fused module, the rest nn.Identity
     (collapse_stacks tidies up)."""
-    stacks = [m for m in module.modules() if _is_stack(m)]
-    for stack in stacks:
-        if any(stack in m._modules.values() for m in stacks):
-            continue  # nested in another stack: walked with it
-        layers = [entry for entry in _sequential_layers(stack) if not isinstance(entry[2], nn.Identity)]
+    for stack in _outer_stacks(module):
+        layers = list(_sequential_layers(stack))
         modules = [layer for _, _, layer in layers]
         i = 0
         while i < len(layers):
@@ -562,9 +563,11 @@ def collapse_stacks(module):
         if child is None:
             continue
         collapse_stacks(child)
+        if not _is_stack(child):
+            continue
         layers = list(child._modules.values())
         rest = [m for m in layers if not isinstance(m, nn.Identity)]
-        if _is_stack(child) and len(rest) <= 1 < len(layers):
+        if len(rest) <= 1 < len(layers):
             module._modules[name] = rest[0] if rest else nn.Identity()
 
 
@@ -605,9 +608,8 @@ def fuse_pw_dw(pw, bn1, act1, dw, bn2, act2):
     """FusedPwDw for 1x1 conv -> BN -> act -> depthwise conv -> BN -> act (BNs and acts optional: None),
     or None where that chain does not fuse."""
     c1, c2 = activation_code(act1), activation_code(act2)
-    if (not FusedPointwise.supports(pw) or pw.stride != (1, 1) or type(dw) is not nn.Conv2d
-            or not (dw.groups == dw.in_channels == dw.out_channels == pw.out_channels) or isinstance(dw.padding, str)
-            or min(c1, c2) < 0 or not _bn_ok(bn1) or not _bn_ok(bn2) or dw.padding_mode != "zeros"):
+    if (not FusedPointwise.supports(pw) or pw.stride != (1, 1) or not FusedDepthwise.supports(dw)
+            or dw.in_channels != pw.out_channels or min(c1, c2) < 0 or not _bn_ok(bn1) or not _bn_ok(bn2)):
         return None
     weight, mid_bias = pw.weight, pw.bias
     if bn1 is not None:
@@ -741,7 +743,7 @@ def _only_layer(module):
     """The one layer `module` runs: itself, or a stack's single layer besides nn.Identity (None if several)."""
     if not _is_stack(module):
         return module
-    layers = [layer for _, _, layer in _sequential_layers(module) if not isinstance(layer, nn.Identity)]
+    layers = [layer for _, _, layer in _sequential_layers(module)]
     return layers[0] if len(layers) == 1 else None
 
 
@@ -757,7 +759,7 @@ def _projection(downsample):
 def rewrite_resnet_block(block):
     """ResidualUnit (BasicBlock) or ResidualChain (Bottleneck) for a torchvision ResNet block whose 3x3 convs
     are BSConv layers (bsconv.pytorch.BSConvU_Replacer applied to the model), or None."""
-    relu = block.relu
+    relu, code = block.relu, reference.ACTIVATIONS["relu"]
     projection = _projection(block.downsample)
     if not isinstance(relu, nn.ReLU) or projection is False or not isinstance(block.conv2, (BSConvU, BSConvS)):
         return None
@@ -766,9 +768,8 @@ def rewrite_resnet_block(block):
         last = fuse_bsconv(block.conv2, block.bn2)
         if first is None or last is None:
             return None
-        last.out_act = reference.ACTIVATIONS["relu"]
+        last.out_act = code
         return ResidualUnit(first, last, projection)
-    code = reference.ACTIVATIONS["relu"]
     first, mid = pointwise_from_parts(block.conv1, block.bn1, relu), fuse_bsconv(block.conv2, block.bn2, relu)
     last = pointwise_from_parts(block.conv3, block.bn3, None)
     if first is None or mid is None or last is None or type(last) is not FusedPointwise:
@@ -797,11 +798,11 @@ def rewrite_skip_stack(block):
     stack = block._modules.get("conv", block._modules.get("block"))
     if not block.use_res_connect or not _is_stack(stack):
         return None
-    layers = [layer for _, _, layer in _sequential_layers(stack) if not isinstance(layer, nn.Identity)]
+    layers = [layer for _, _, layer in _sequential_layers(stack)]
     if len(layers) < 2 or type(layers[-1]) is not FusedPointwise or layers[-1].act != 0:
         return None
     _rewrite(stack)  # the layers before the projection (a squeeze-excitation unit's)
-    layers = [layer for _, _, layer in _sequential_layers(stack) if not isinstance(layer, nn.Identity)]
+    layers = [layer for _, _, layer in _sequential_layers(stack)]
     return ResidualChain(nn.Sequential(*layers[:-1]), layers[-1], None)
 
 

@@ -15,7 +15,10 @@ import bsconv_fast
 from bsconv_fast.optimize import FusedConv, FusedDepthwise, FusedLinear, FusedPwDw, ResidualChain, ResidualUnit
 from helpers import assert_close_to_reference, randomize_bn
 
-B = pytest.importorskip("bsconv.pytorch")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import torchvision_models  # noqa: E402 - benchmarks/ holds its loader and model builder
+
+pytest.importorskip("bsconv.pytorch")  # the ResNets take its BSConvU_Replacer
 pytestmark = pytest.mark.skipif(not bsconv_fast._ext.available(), reason="C++ extension not built")
 
 # what a fused torchvision model must no longer run (see test_optimize._UNFUSED_OPS)
@@ -33,8 +36,6 @@ def _torchvision_models():
         pytest.skip("no importable torchvision and BSCONV_FAST_TORCHVISION_WHEEL not set")
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]  # what the failed import left
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import torchvision_models
     torchvision_models.load_from_wheel(wheel)
     return importlib.import_module("torchvision.models")
 
@@ -44,13 +45,9 @@ def models():
     return _torchvision_models()
 
 
-def _build(models, name, replacer):
-    module = {"mobilenet_v2": "mobilenetv2", "mobilenet_v3_small": "mobilenetv3", "resnet18": "resnet",
-              "resnet50": "resnet"}[name]
-    model = getattr(importlib.import_module(f"{models.__name__}.{module}"), name)(weights=None)
-    if replacer:
-        model = B.BSConvU_Replacer().apply(model)
-    randomize_bn(model.eval(), 0.3, (0.5, 1.5), bias=0.5)
+def _build(name, replacer):
+    model = torchvision_models.build(name, "bsconvu" if replacer else "none")
+    randomize_bn(model, 0.3, (0.5, 1.5), bias=0.5)
     return model
 
 
@@ -69,7 +66,7 @@ def _expands(block):
                                            ("resnet18", True), ("resnet50", True)])
 def test_torchvision_model_runs_fused(models, name, replacer):
     torch.manual_seed(18)
-    model = _build(models, name, replacer)
+    model = _build(name, replacer)
     fast = bsconv_fast.optimize(model)
     x = torch.randn(1, 3, 67, 61)
     if name.startswith("mobilenet"):
@@ -103,7 +100,7 @@ def test_torchvision_plain_resnet_folds_its_bns(models):
     """torchvision's resnet18 as published (dense 3x3 convs, no replacer): its convs stay PyTorch's, with their BNs
     folded in and channels_last weights; no BN pass left."""
     torch.manual_seed(22)
-    model = _build(models, "resnet18", False)
+    model = _build("resnet18", False)
     fast = bsconv_fast.optimize(model)
     x = torch.randn(1, 3, 67, 61)
     with torch.inference_mode(), torch.profiler.profile() as prof:
