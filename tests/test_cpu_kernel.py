@@ -149,6 +149,14 @@ for case in [(1, 17, 33, 13, 11, 3, 2, 1, 1), (3, 5, 40, 7, 9, (3, 5), 1, (1, 2)
     pw_out = torch.ops.bsconv_fast.pw_packed(x, torch.ops.bsconv_fast.pack_pw(pw, b), cout, list(pr(s)), 2, y)
     want = torch.nn.functional.relu6(torch.nn.functional.conv2d(x.double(), pw.double(), b.double(), pr(s)) + y)
     assert_close_to_reference(pw_out, want, cin, "pw " + str(case))
+    # one pixel: the matrix-vector kernel (k steps in several chains, a k tail, a channel tail, the
+    # channels split over the threads)
+    k1, c1 = cin + 250, cout + 300
+    x1, w1, b1, r1 = torch.randn(1, k1, 1, 1), torch.randn(c1, k1, 1, 1) / k1 ** 0.5, torch.randn(c1), torch.randn(1, c1)
+    r1 = r1[:, :, None, None]
+    gemv = torch.ops.bsconv_fast.pw_packed(x1, torch.ops.bsconv_fast.pack_pw(w1, b1), c1, [1, 1], 2, r1)
+    want = torch.nn.functional.relu6(torch.nn.functional.conv2d(x1.double(), w1.double(), b1.double()) + r1)
+    assert_close_to_reference(gemv, want, k1, "one pixel " + str(case))
     # the stem convolution on the same micro-kernel (gathered patches of the first 3 channels)
     x3, w3 = x[:, :3], torch.randn(cout, 3, 3, 3) / 5
     packed3 = torch.ops.bsconv_fast.pack_pw(w3.permute(0, 2, 3, 1).reshape(cout, -1, 1, 1), b)

@@ -406,6 +406,48 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
   }
 }
 
+// One pixel's 1x1 GEMM, a matrix-vector product (a squeeze-excitation unit's convolutions, a classifier's
+// Linear at batch 1): channels [c0, c0 + cg) of y = b + W a, into st. Every weight is read once and serves
+// one FMA, so the weights' bandwidth bounds it, not the FMAs; the GEMM's 1-pixel tile summed each output
+// vector in one chain, an FMA latency per k step (one 64-byte line per ~4 cycles). Here kChains k steps are
+// in flight per vector (partial sums added at the end). Measured (the op alone, AVX2 kernels on a Zen 4, A/B
+// in one process, 1 / 2 threads): 960 -> 1280 0.70 / 0.74x the time with hot weights, 0.72 / 0.62x with
+// weights rotated through 8 copies (from memory); 1280 -> 1000 0.70 / 0.74x and 0.65 / 0.82x;
+// squeeze-excitation sizes (672 <-> 168, 240 -> 960, 120 -> 480) 0.72-0.88x. The panels lie one after the
+// other, one stream the hardware prefetcher follows: software prefetches 32-256 lines ahead ran 1.05-1.27x
+// the time of none.
+
+template <typename Store>
+BSCONV_TARGET inline void gemv_panels(const float* a, int64_t K, const float* w, const float* bias, int64_t c0,
+                                      int64_t cg, const Store& st) {
+  constexpr int kVec = kNR / kLanes;     // vectors per packed panel: AVX2 2, AVX-512 1
+  constexpr int kChains = 8 / kVec;      // 8 accumulators
+  for (int64_t c = c0; c < c0 + cg; c += kNR) {
+    const float* p = w + (c / kNR) * K * kNR;
+    VReg acc[kChains][kVec];
+    for (int v = 0; v < kVec; ++v) {
+      acc[0][v] = vload(bias + c + v * kLanes);
+      for (int j = 1; j < kChains; ++j) acc[j][v] = vset1(0.f);
+    }
+    int64_t k = 0;
+    for (; k + kChains <= K; k += kChains) {
+      for (int j = 0; j < kChains; ++j) {
+        const VReg av = vbcast(a + k + j);
+        for (int v = 0; v < kVec; ++v) acc[j][v] = vfma(av, vload(p + (k + j) * kNR + v * kLanes), acc[j][v]);
+      }
+    }
+    for (; k < K; ++k) {
+      const VReg av = vbcast(a + k);
+      for (int v = 0; v < kVec; ++v) acc[0][v] = vfma(av, vload(p + k * kNR + v * kLanes), acc[0][v]);
+    }
+    const Store sc = st.shifted(c - c0);
+    for (int v = 0; v < kVec; ++v) {
+      for (int j = 1; j < kChains; ++j) acc[0][v] = vadd(acc[0][v], acc[j][v]);
+      sc(0, v * kLanes, acc[0][v]);
+    }
+  }
+}
+
 // Whether the depthwise stage writes outputs larger than the last-level cache with non-temporal stores
 // (Geometry::stream_out): only where one vector is a whole 64-byte line. It stores one channel vector
 // for a row's pixels, then the next, so an AVX2 vector is half a line whose other half comes a row of
@@ -416,12 +458,24 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
 constexpr bool kStreamOut = kLanes * sizeof(float) >= 64;
 
 struct Kernels {
+  static constexpr int64_t kVectorLanes = kLanes;  // channels one load reads
+
   // out[p, c - c0] = act1(b1[c] + sum_k x[p, k] * w[c, k]) for npix contiguous pixels.
   BSCONV_TARGET static void pw_rows(const Geometry& g, const Operands<float>& o, const float* a, int64_t npix,
                                     int64_t c0, int64_t cg, float* out) {
+    const int64_t cn = used_columns(c0, cg, g.Cout);
     with_act(g.mid_act, [&](auto act) BSCONV_TARGET {
-      gemm_panels(a, g.Cin, Runs{1, g.Cin, 0}, npix, o.pw, o.b1, c0, cg, RingStore<act()>{out, cg});
+      gemm_panels(a, g.Cin, Runs{1, g.Cin, 0}, npix, o.pw, o.b1, c0, cn, RingStore<act()>{out, cg});
     });
+  }
+
+  // Of the columns [c0, c0 + cg) of a packing padded to kNR, those up to the vector holding channel
+  // Cout - 1: the rest are padding no store and no depthwise load reaches. On AVX2 a layer of 24, 40 or
+  // 72 channels had computed 32, 48 or 80. Measured (A/B in one process, Zen 4, 1 / 2 threads): 1x1
+  // 72 -> 24 @56 0.85 / 0.89x the time, 144 -> 24 @56 0.84 / 0.85x, 120 -> 40 @28 0.90 / 0.93x; fused
+  // 24 -> 72 @56 0.96x, 40 -> 120 @28 0.98x.
+  BSCONV_TARGET static int64_t used_columns(int64_t c0, int64_t cg, int64_t Cout) {
+    return std::min(cg, ceil_div(Cout - c0, kLanes) * kLanes);
   }
 
   // y[p, c] = act(b[c] + sum_k a_p[k] * w[c, k] (+ res[p, c])), channels [c0, c0 + cg) of Cout, with
@@ -431,6 +485,7 @@ struct Kernels {
                                    const float* res) {
     with_act(act, [&](auto a_) BSCONV_TARGET {
       const OutStore<a_()> st{y + c0, res == nullptr ? nullptr : res + c0, Cout, Cout - c0};
+      const int64_t cn = used_columns(c0, cg, Cout);
       // The 7x7 RGB stem's runs (7 x 3 = 21 values) with their length known at compile time: the
       // k loop unrolled, constant offsets. Measured (A/B in one process, 2 threads): ResNet-18's
       // conv_pool 1216 vs 1273 us, the whole model 1.6-2.1% faster. The 3x3 stems' runs (9 values) too:
@@ -438,12 +493,14 @@ struct Kernels {
       // op on an NCHW image with an input affine, both variants in one library, 1 and 2 threads): 224 x
       // 224 3 -> 16 s2 (MobileNetV3) 0.76-0.77x the time, 3 -> 32 s2 (MobileNetV1/V2) 0.96x, 32 x 32
       // 3 -> 32 s1 (cifar) 0.96x; whole models within their noise (0.99-1.02x).
-      if (runs.len == kStemRun) {
-        gemm_panels<kStemRun>(a, lda, runs, npix, w, bias, c0, cg, st);
+      if (npix == 1 && runs.n == 1) {
+        gemv_panels(a, runs.len, w, bias, c0, cn, st);
+      } else if (runs.len == kStemRun) {
+        gemm_panels<kStemRun>(a, lda, runs, npix, w, bias, c0, cn, st);
       } else if (runs.len == kSmallStemRun) {
-        gemm_panels<kSmallStemRun>(a, lda, runs, npix, w, bias, c0, cg, st);
+        gemm_panels<kSmallStemRun>(a, lda, runs, npix, w, bias, c0, cn, st);
       } else {
-        gemm_panels(a, lda, runs, npix, w, bias, c0, cg, st);
+        gemm_panels(a, lda, runs, npix, w, bias, c0, cn, st);
       }
     });
   }
@@ -582,11 +639,13 @@ struct Kernels {
     }
   }
 
+  // One output row of the depthwise stage, channels [c0, c0 + cg): rows[kh] is input row kh of its window
+  // (nullptr: padding) from channel c0, pixel p at rows[kh] + p * ld.
   BSCONV_TARGET static void dw_row(const Geometry& g, const Operands<float>& o, const float* const* rows,
-                                   int64_t n, int64_t oh, int64_t c0, int64_t cg) {
-    if (g.KH == 3 && g.KW == 3) return dw_row_fixed<3, 3>(g, o, rows, n, oh, c0, cg);
-    if (g.KH == 5 && g.KW == 5) return dw_row_fixed<5, 5>(g, o, rows, n, oh, c0, cg);
-    dw_row_generic(g, o, rows, n, oh, c0, cg, 0, g.OW);
+                                   int64_t ld, int64_t n, int64_t oh, int64_t c0, int64_t cg) {
+    if (g.KH == 3 && g.KW == 3) return dw_row_fixed<3, 3>(g, o, rows, ld, n, oh, c0, cg);
+    if (g.KH == 5 && g.KW == 5) return dw_row_fixed<5, 5>(g, o, rows, ld, n, oh, c0, cg);
+    dw_row_generic(g, o, rows, ld, n, oh, c0, cg, 0, g.OW);
   }
 
   // Depthwise result for channels [cc, cc + kLanes) at output offset `off`: + residual, act, store.
@@ -603,7 +662,7 @@ struct Kernels {
   // chains, where one chain waited on every FMA's latency. Measured (depthwise rows alone, 1 thread):
   // 64 channels @56 3x3 12% faster, @18 18%.
   BSCONV_TARGET static void dw_row_generic(const Geometry& g, const Operands<float>& o, const float* const* rows,
-                                           int64_t n, int64_t oh, int64_t c0, int64_t cg, int64_t ow0,
+                                           int64_t ld, int64_t n, int64_t oh, int64_t c0, int64_t cg, int64_t ow0,
                                            int64_t ow1) {
     const int64_t cvalid = std::min(cg, g.Cout - c0);  // padded channels are never stored
     for (int64_t ow = ow0; ow < ow1; ++ow) {
@@ -612,15 +671,15 @@ struct Kernels {
       const int64_t iw0 = ow * g.sw - g.pw;
       const int64_t yoff = ((n * g.OH + oh) * g.OW + ow) * g.Cout;
       int64_t c = 0;
-      for (; c + 4 * kLanes <= cvalid; c += 4 * kLanes) dw_taps<4>(g, o, rows, c0, cg, c, iw0, kw_lo, kw_hi, yoff);
-      for (; c < cvalid; c += kLanes) dw_taps<1>(g, o, rows, c0, cg, c, iw0, kw_lo, kw_hi, yoff);
+      for (; c + 4 * kLanes <= cvalid; c += 4 * kLanes) dw_taps<4>(g, o, rows, ld, c0, c, iw0, kw_lo, kw_hi, yoff);
+      for (; c < cvalid; c += kLanes) dw_taps<1>(g, o, rows, ld, c0, c, iw0, kw_lo, kw_hi, yoff);
     }
   }
 
   // NV channel vectors from c of one output pixel (dw_row_generic), taps kw_lo..kw_hi of each kernel row.
   template <int NV>
   BSCONV_TARGET __attribute__((always_inline)) static void dw_taps(const Geometry& g, const Operands<float>& o,
-                                                                  const float* const* rows, int64_t c0, int64_t cg,
+                                                                  const float* const* rows, int64_t ld, int64_t c0,
                                                                   int64_t c, int64_t iw0, int64_t kw_lo,
                                                                   int64_t kw_hi, int64_t yoff) {
     const int64_t cc = c0 + c;
@@ -631,7 +690,7 @@ struct Kernels {
       if (row == nullptr) continue;
       const float* wk = o.dw + kh * g.KW * g.Cp + cc;
       for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
-        const float* in = row + (iw0 + kw * g.dw) * cg + c;
+        const float* in = row + (iw0 + kw * g.dw) * ld + c;
         for (int v = 0; v < NV; ++v) acc[v] = vfma(vload(in + v * kLanes), vload(wk + kw * g.Cp + v * kLanes), acc[v]);
       }
     }
@@ -642,19 +701,19 @@ struct Kernels {
   // dw_interior, the border pixels (and dilated or stride > 2 rows) the generic path.
   template <int KH, int KW>
   BSCONV_TARGET static void dw_row_fixed(const Geometry& g, const Operands<float>& o, const float* const* rows,
-                                         int64_t n, int64_t oh, int64_t c0, int64_t cg) {
+                                         int64_t ld, int64_t n, int64_t oh, int64_t c0, int64_t cg) {
     // interior: ow * sw - pw >= 0 and ow * sw - pw + (KW - 1) * dw <= W - 1
     const int64_t lo = std::min(g.OW, ceil_div(g.pw, g.sw));
     const int64_t last = g.W - 1 - (KW - 1) * g.dw + g.pw;
     const int64_t hi = last < 0 ? lo : std::max(lo, std::min(g.OW, last / g.sw + 1));
-    if (g.dw != 1 || g.sw > 2 || lo >= hi) return dw_row_generic(g, o, rows, n, oh, c0, cg, 0, g.OW);
-    dw_row_generic(g, o, rows, n, oh, c0, cg, 0, lo);
-    dw_row_generic(g, o, rows, n, oh, c0, cg, hi, g.OW);
+    if (g.dw != 1 || g.sw > 2 || lo >= hi) return dw_row_generic(g, o, rows, ld, n, oh, c0, cg, 0, g.OW);
+    dw_row_generic(g, o, rows, ld, n, oh, c0, cg, 0, lo);
+    dw_row_generic(g, o, rows, ld, n, oh, c0, cg, hi, g.OW);
     const int64_t first = ((n * g.OH + oh) * g.OW + lo) * g.Cout + c0;  // output offset of the first interior pixel
     const int64_t next_row = oh + 1 < g.OH ? g.OW * g.Cout : 0;
     DwRow r{{}, o.dw + c0, o.b2 + c0, o.y + first, o.res == nullptr ? nullptr : o.res + first,
-            g.Cp, g.Cout, cg, std::min(cg, g.Cout - c0), hi - lo, next_row, kStreamOut && g.stream_out};
-    for (int kh = 0; kh < KH; ++kh) r.src[kh] = rows[kh] == nullptr ? nullptr : rows[kh] + (lo * g.sw - g.pw) * cg;
+            g.Cp, g.Cout, ld, std::min(cg, g.Cout - c0), hi - lo, next_row, kStreamOut && g.stream_out};
+    for (int kh = 0; kh < KH; ++kh) r.src[kh] = rows[kh] == nullptr ? nullptr : rows[kh] + (lo * g.sw - g.pw) * ld;
     const bool s1 = g.sw == 1;
     switch (g.out_act) {
 #define BSCONV_ACT_CASE(A) \
@@ -675,7 +734,7 @@ struct Kernels {
     const float* bias;
     float* y;                      // output of the first interior pixel, channel c0; pixel stride Cout
     const float* res;              // the residual, laid out like y, or nullptr
-    int64_t Cp, Cout, cg, cvalid, npix;
+    int64_t Cp, Cout, ld, cvalid, npix;  // ld: the input rows' pixel stride
     int64_t next_row;              // y's offset to the same pixels one row down; 0: this is the last row
     bool stream;
   };
@@ -752,7 +811,7 @@ struct Kernels {
   BSCONV_TARGET __attribute__((always_inline)) static void dw_channel(const DwRow& r, int64_t c, int64_t n) {
     constexpr int kPx = KW <= 3 ? 6 : (SW == 1 ? 8 : 4);
     constexpr int kIn = (kPx - 1) * SW + KW;  // input vectors per kernel row and step
-    const int64_t cg = r.cg, Cout = r.Cout, npix = r.npix;
+    const int64_t ld = r.ld, Cout = r.Cout, npix = r.npix;
     float* const y = r.y;
     const float* const res = r.res;
     VReg w[KH * KW];
@@ -764,10 +823,10 @@ struct Kernels {
       for (int j = 0; j < kPx; ++j) a[j] = bias;
       for (int kh = 0; kh < KH; ++kh) {
         if (r.src[kh] == nullptr) continue;
-        const float* p = r.src[kh] + ow * SW * cg + c;
+        const float* p = r.src[kh] + ow * SW * ld + c;
         VReg v[kIn];
         for (int i = 0; i < kIn; ++i) {
-          v[i] = vload(p + i * cg);
+          v[i] = vload(p + i * ld);
           if constexpr (KW <= 3) __asm__("" : "+v"(v[i]));
         }
         for (int kw = 0; kw < KW; ++kw) {
@@ -781,8 +840,8 @@ struct Kernels {
       VReg a = bias;
       for (int kh = 0; kh < KH; ++kh) {
         if (r.src[kh] == nullptr) continue;
-        const float* p = r.src[kh] + ow * SW * cg + c;
-        for (int kw = 0; kw < KW; ++kw) a = vfma(vload(p + kw * cg), w[kh * KW + kw], a);
+        const float* p = r.src[kh] + ow * SW * ld + c;
+        for (int kw = 0; kw < KW; ++kw) a = vfma(vload(p + kw * ld), w[kh * KW + kw], a);
       }
       dw_put<ACT, kStore>(r, y, res, ow * Cout + c, a, n);
     }
