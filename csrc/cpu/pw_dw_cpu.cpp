@@ -463,7 +463,8 @@ int64_t ring_elems(const Geometry& g, int64_t cg) { return ceil_div(ring_rows(g)
 template <typename T, typename K>
 void run_item(const Geometry& g, const Operands<T>& o, int64_t n, int64_t c0, int64_t cg,
               int64_t oh0, int64_t oh1) {
-  LayerRows<T, K> layer(g, o, c0, cg, oh1, thread_scratch<T>(ring_elems(g, cg)));
+  const int64_t ring = LayerRows<T, K>::reads_in_place(g) ? 0 : ring_elems(g, cg);
+  LayerRows<T, K> layer(g, o, c0, cg, oh1, thread_scratch<T>(ring));
   const auto image_rows = [&](int64_t r, int64_t) { return o.x + ((n * g.H + r) * g.W) * g.Cin; };
   for (int64_t oh = oh0; oh < oh1; ++oh) layer.row(oh, o, n, oh, image_rows);
 }

@@ -433,7 +433,6 @@ BSCONV_TARGET inline void gemm_panels(const float* a, int64_t lda, const Runs ru
 // squeeze-excitation sizes (672 <-> 168, 240 -> 960, 120 -> 480) 0.72-0.88x. The panels lie one after the
 // other, one stream the hardware prefetcher follows: software prefetches 32-256 lines ahead ran 1.05-1.27x
 // the time of none.
-
 template <typename Store>
 BSCONV_TARGET inline void gemv_panels(const float* a, int64_t K, const float* w, const float* bias, int64_t c0,
                                       int64_t cg, const Store& st) {
