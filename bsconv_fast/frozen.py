@@ -65,8 +65,8 @@ def _direct_calls():
     direct = {aten.hardsigmoid.default: torch._C._nn.hardsigmoid, aten.sigmoid.default: torch.sigmoid,
               aten.mul.Tensor: torch.mul, aten.view.default: torch.Tensor.view}
     if _ext.available():
-        names = ("pw_dw_packed", "dw_packed", "pw_dw_pair_packed", "pw_packed", "conv_packed", "conv_pool_packed", "channel_affine",
-                 "max_pool", "global_avg_pool")
+        names = ("pw_dw_packed", "dw_packed", "pw_dw_pair_packed", "pw_packed", "conv_packed", "conv_pool_packed",
+                 "channel_affine", "max_pool", "global_avg_pool")
         direct.update({getattr(torch.ops.bsconv_fast, n).default: getattr(_ext._C, n) for n in names})
     return direct
 

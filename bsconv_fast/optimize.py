@@ -57,6 +57,11 @@ def activation_code(module):
     return reference.ACTIVATIONS[name] if name else -1
 
 
+def conv_with_bn(conv, bn):
+    """The weight and bias of `conv` with the eval-mode BatchNorm `bn` after it folded in (`bn` None: its own)."""
+    return (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+
+
 class FusedPwDw(PackedInference, nn.Module):
     """Inference layer act2(dw(act1(pw(x) + mid_bias)) + bias) with folded, frozen weights.
 
@@ -135,7 +140,7 @@ class FusedDepthwise(FusedPwDw):
 
     @classmethod
     def from_conv(cls, conv, bn=None, act=0):
-        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        weight, bias = conv_with_bn(conv, bn)
         return cls(weight, bias, conv.stride, conv.padding, conv.dilation, act)
 
     def choice(self, x):
@@ -173,7 +178,7 @@ class FusedPointwise(PackedInference, nn.Module):
 
     @classmethod
     def from_conv(cls, conv, bn=None, act=0):
-        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        weight, bias = conv_with_bn(conv, bn)
         return cls(weight, bias, conv.stride, act)
 
     def _source_tensors(self):
@@ -204,12 +209,13 @@ class FusedPointwise(PackedInference, nn.Module):
 
 class FusedLinear(FusedPointwise):
     """Inference nn.Linear act(x @ weight.T + bias) (+ the activation after it in a stack): the input's rows (its
-    leading dims flattened) are the 1x1 op's pixels (bsconv_fast::pw_packed). At batch 1 the classifiers' weights (5-10 MB) come from
-    memory or the last-level cache, and the op's weight prefetch and thread split beat PyTorch's linear:
-    torchvision mobilenet_v3_large, frozen, A/B in one process on AVX2 kernels: 0.95x the time on 1 thread,
-    0.88x on 2; mobilenet_v2 0.97x and 0.94x. The layer alone (1280 -> 1000, 2 threads, AVX2): 0.70x at batch 1,
-    0.51x at 8, 0.73x at 32, 0.85x at 128. Small layers stay nn.Linear (MIN_WEIGHTS): 512 -> 10 took 13 vs 5 us
-    at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32."""
+    leading dims flattened) are the 1x1 op's pixels (bsconv_fast::pw_packed). At batch 1 the classifiers' weights
+    (5-10 MB) come from memory or the last-level cache, and the op's thread split and kernels beat PyTorch's
+    linear. Measured against it (AVX2 kernels, A/B in one process): torchvision mobilenet_v3_large, frozen, 0.95x
+    the time on 1 thread, 0.88x on 2, mobilenet_v2 0.97x and 0.94x; the layer alone (1280 -> 1000, 2 threads)
+    0.70x at batch 1, 0.51x at 8, 0.73x at 32, 0.85x at 128. (Batch 1 ran the GEMM's 1-pixel tile then; its
+    matrix-vector kernel, gemv_panels, has since run in 0.65-0.82x that time.) Small layers stay nn.Linear
+    (MIN_WEIGHTS): 512 -> 10 took 13 vs 5 us at batch 1 (the module's Python around the op), 1.5-1.8x at 8-32."""
 
     backend = "cpu-pointwise"
     MIN_WEIGHTS = 1 << 16
@@ -291,7 +297,7 @@ class FusedConv(FusedPointwise):
 
     @classmethod
     def from_conv(cls, conv, bn=None, act=0):
-        weight, bias = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, bn, conv.bias)
+        weight, bias = conv_with_bn(conv, bn)
         return cls(weight, bias, conv.stride, conv.padding, act)
 
     def with_pool(self, pool):
